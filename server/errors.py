@@ -1,0 +1,69 @@
+"""One exception hierarchy for everything the service reports to a caller.
+
+Each class carries a guaranteed, caller-safe message and the gRPC status code it maps to; the
+mapping to gRPC happens in one place (`server.grpc_errors`). Anything that is not a
+`VoicegateError` becomes an opaque INTERNAL there.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class StatusCode(Enum):
+    """The gRPC status codes this service uses, named without importing grpc."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    OUT_OF_RANGE = "OUT_OF_RANGE"
+    NOT_FOUND = "NOT_FOUND"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    UNAVAILABLE = "UNAVAILABLE"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    INTERNAL = "INTERNAL"
+
+
+class VoicegateError(Exception):
+    """Base of every error whose message may be shown to a caller."""
+
+    status = StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        if not message:
+            raise ValueError("a VoicegateError needs a message")
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(VoicegateError):
+    """The request is malformed: the message names the field and what is wrong."""
+
+    status = StatusCode.INVALID_ARGUMENT
+
+
+class InvalidAudio(InvalidArgument):
+    """Audio that is empty, undecodable, of an unknown format or inconsistent with its header."""
+
+
+class NotEnoughSpeech(InvalidArgument):
+    """Too little speech is left after silence trimming to compute an embedding."""
+
+
+class BackendUnavailable(VoicegateError):
+    """Triton cannot be reached or its models are not ready."""
+
+    status = StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(VoicegateError):
+    """The caller's deadline passed while work was still running."""
+
+    status = StatusCode.DEADLINE_EXCEEDED
+
+
+class ConfigError(VoicegateError):
+    """A setting has an invalid value (raised at start-up, never to a caller)."""
+
+
+class ExportError(VoicegateError):
+    """The export or one of its validation checks failed."""
