@@ -1,0 +1,187 @@
+"""Assembles the running service: Triton (embedded or external), the core, the gRPC server.
+
+`create_server` builds the gRPC server on any port (tests bind port 0); `VoicegateApp` owns
+the lifecycle; `serve` runs it until SIGTERM or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from server.api.voicegate.v1 import speaker_pb2, speaker_pb2_grpc
+from server.config import Settings
+from server.core import SpeakerCore
+from server.fusion import Calibration
+from server.grpc_errors import ErrorMappingInterceptor
+from server.servicer import SpeakerServicer
+from server.triton_client import TritonEncoder
+from server.triton_process import EmbeddedTriton
+
+log = logging.getLogger(__name__)
+
+SPEAKER_SERVICE = speaker_pb2.DESCRIPTOR.services_by_name["SpeakerService"].full_name
+SERVICE_NAMES = (SPEAKER_SERVICE,)
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def create_server(
+    settings: Settings, core: SpeakerCore, health_servicer: health.aio.HealthServicer
+) -> tuple[grpc.aio.Server, int]:
+    """The gRPC server with every service registered, bound to settings.host:port.
+
+    Returns the server (not started) and the bound port, which differs from settings.port
+    when that is 0.
+    """
+    server = grpc.aio.server(
+        interceptors=[ErrorMappingInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    speaker_pb2_grpc.add_SpeakerServiceServicer_to_server(SpeakerServicer(core), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise OSError(f"could not bind gRPC port {settings.host}:{settings.port}")
+    return server, port
+
+
+class VoicegateApp:
+    """The whole service. Use `async with VoicegateApp(settings) as app:`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.port = 0
+        self.health = health.aio.HealthServicer()
+        self.triton: EmbeddedTriton | None = None
+        self._executor = ThreadPoolExecutor(
+            settings.preprocess_workers, thread_name_prefix="preprocess"
+        )
+        self._encoder: TritonEncoder | None = None
+        self._server: grpc.aio.Server | None = None
+        self._monitor: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> VoicegateApp:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    @property
+    def triton_url(self) -> str:
+        if self.triton is not None:
+            return self.triton.grpc_url
+        assert self.settings.triton_url is not None
+        return self.settings.triton_url
+
+    async def start(self) -> None:
+        """Serve health at once (NOT_SERVING), then bring up Triton and turn SERVING."""
+        settings = self.settings
+        await self._set_health(NOT_SERVING)
+        if settings.embedded_triton:
+            self.triton = EmbeddedTriton(settings, models=list(settings.encoder_models))
+        calibration = Calibration.load(settings.calibration_file)
+        self._encoder = TritonEncoder(
+            settings.triton_url or "127.0.0.1:1", timeout_s=settings.triton_timeout_s
+        )
+        core = SpeakerCore(settings, self._encoder, calibration, self._executor)
+        self._server, self.port = create_server(settings, core, self.health)
+        await self._server.start()
+        if self.triton is not None:
+            await self.triton.start()
+            self._encoder.set_url(self.triton.grpc_url)
+        await core.warm_up()
+        self._monitor = asyncio.create_task(self._watch_backend(), name="health-monitor")
+        if not await self._encoder.is_ready(settings.encoder_models):
+            log.warning("Triton at %s is not ready yet; health stays NOT_SERVING", self.triton_url)
+        else:
+            await self._set_health(SERVING)
+        log.info(
+            "voicegate ready: gRPC on port %d, Triton at %s (%s), encoders %s",
+            self.port,
+            self.triton_url,
+            "embedded" if self.triton else "external",
+            ", ".join(settings.encoder_models),
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING first, let in-flight calls finish within `grace`, then stop Triton."""
+        grace = self.settings.grace_seconds if grace is None else grace
+        await self._set_health(NOT_SERVING)
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+            self._monitor = None
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        if self._encoder is not None:
+            await self._encoder.close()
+            self._encoder = None
+        if self.triton is not None:
+            await self.triton.stop()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _watch_backend(self) -> None:
+        assert self._encoder is not None
+        serving = None
+        while True:
+            if self.triton is not None:
+                self._encoder.set_url(self.triton.grpc_url)
+            ready = await self._encoder.is_ready(self.settings.encoder_models)
+            if ready != serving:
+                if serving is not None:
+                    log.warning("Triton %s", "ready again" if ready else "not ready")
+                await self._set_health(SERVING if ready else NOT_SERVING)
+                serving = ready
+            await asyncio.sleep(self.settings.health_poll_s)
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        for service in ("", *SERVICE_NAMES):
+            await self.health.set(service, status)
+
+
+async def serve(settings: Settings) -> None:
+    """Run the service until SIGTERM or SIGINT, then shut down cleanly."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    app = VoicegateApp(settings)
+    starting = asyncio.create_task(app.start())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    try:
+        if starting.done():
+            starting.result()
+            await stopping
+        else:
+            log.info("stop requested during start-up")
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+    finally:
+        stopping.cancel()
+        log.info("shutting down: draining calls for up to %.0f s", settings.grace_seconds)
+        await app.stop()
+        log.info("voicegate stopped")

@@ -1,0 +1,174 @@
+"""The `voicegate` command: serve, export, calibrate, and client calls to a running server.
+
+Only argparse and the settings are imported up front; each subcommand imports what it needs,
+so `voicegate --help` loads none of the heavy dependencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from server import __version__
+
+DEFAULT_SERVER = "localhost:50051"
+# numpy's OpenBLAS (and OpenMP) spin threads that fight ONNX Runtime and the Triton stub for
+# the cores; one thread each is measured several times faster on small machines.
+_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="voicegate",
+        description="Speaker embedding and verification over gRPC, served by Triton.",
+    )
+    parser.add_argument("--version", action="version", version=f"voicegate {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the gRPC front server (and embedded Triton)")
+    serve.add_argument("--host", help="address to bind (env VOICEGATE_HOST, default [::])")
+    serve.add_argument("--port", type=int, help="gRPC port (env VOICEGATE_PORT, default 50051)")
+    serve.add_argument(
+        "--triton-url",
+        help="HOST:PORT of an external Triton's gRPC endpoint; none is started "
+        "(env VOICEGATE_TRITON_URL; default: start the embedded Triton)",
+    )
+    serve.add_argument("--model-repository", type=Path, help="Triton model repository")
+    serve.add_argument("--encoder-model", help="default encoder model (ge2e_int8)")
+    serve.add_argument("--calibration-file", type=Path, help="fusion calibration JSON")
+    serve.add_argument("--grace-seconds", type=float, help="drain time on SIGTERM")
+    serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+
+    export = commands.add_parser("export", help="export the models into a Triton repository")
+    export.add_argument("--target", choices=("cpu", "gpu"), default="cpu")
+    export.add_argument(
+        "--repository",
+        type=Path,
+        help="output repository (default: model_repository for cpu, build/model_repository_gpu)",
+    )
+    export.add_argument("--data-dir", type=Path, help="dev speech (env VOICEGATE_DATA_DIR)")
+    export.add_argument("--validation-utterances", type=int, default=40)
+
+    calibrate = commands.add_parser("calibrate", help="fit score fusion and threshold")
+    calibrate.add_argument("--data-dir", type=Path, help="dev speech (env VOICEGATE_DATA_DIR)")
+    calibrate.add_argument(
+        "--model", type=Path, default=Path("model_repository/ge2e_int8/1/model.onnx")
+    )
+    calibrate.add_argument("--output", type=Path, default=Path("server/calibration.json"))
+    calibrate.add_argument("--seed", type=int, default=0)
+
+    embed = commands.add_parser("embed", help="embed an audio file with a running server")
+    embed.add_argument("file", type=Path)
+    embed.add_argument("--server", default=DEFAULT_SERVER, help="HOST:PORT of voicegate")
+    embed.add_argument("--model", default="", help="encoder model (server default if empty)")
+
+    verify = commands.add_parser("verify", help="compare the speakers of two audio files")
+    verify.add_argument("file_a", type=Path)
+    verify.add_argument("file_b", type=Path)
+    verify.add_argument("--server", default=DEFAULT_SERVER, help="HOST:PORT of voicegate")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in _THREAD_VARIABLES:
+        os.environ.setdefault(name, "1")
+    from server.errors import VoicegateError
+
+    try:
+        return _COMMANDS[args.command](args)
+    except VoicegateError as exc:
+        print(f"voicegate {args.command}: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from server.app import serve
+    from server.config import Settings
+    from server.logs import configure_logging
+
+    settings = Settings.load(
+        {
+            "host": args.host,
+            "port": args.port,
+            "triton_url": args.triton_url,
+            "model_repository": args.model_repository,
+            "encoder_model": args.encoder_model,
+            "calibration_file": args.calibration_file,
+            "grace_seconds": args.grace_seconds,
+            "log_level": args.log_level,
+        }
+    )
+    configure_logging(settings.log_level)
+    asyncio.run(serve(settings))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from export.pipeline import run_export
+    from server.config import Settings
+
+    settings = Settings.load({"data_dir": args.data_dir})
+    run_export(
+        target=args.target,
+        repository=args.repository,
+        data_dir=settings.data_dir,
+        validation_utterances=args.validation_utterances,
+    )
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from server.calibration import main as calibrate_main
+    from server.config import Settings
+    from server.errors import ConfigError
+
+    settings = Settings.load({"data_dir": args.data_dir})
+    if settings.data_dir is None:
+        raise ConfigError("calibrate needs dev speech: pass --data-dir or set VOICEGATE_DATA_DIR")
+    return calibrate_main(settings.data_dir, args.model, args.output, args.seed)
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from server.client import embed_file, report_rpc_error
+
+    with report_rpc_error():
+        response = embed_file(args.server, args.file, args.model)
+        print(
+            f"model {response.model}, {response.speech_seconds:.2f} s of speech, "
+            f"{response.partial_count} partials"
+        )
+        print(" ".join(f"{value:.6f}" for value in response.embedding))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from server.client import report_rpc_error, verify_files
+
+    with report_rpc_error():
+        response = verify_files(args.server, args.file_a, args.file_b)
+        verdict = "same speaker" if response.same_speaker else "different speakers"
+        scores = ", ".join(f"{s.model} {s.score:.4f}" for s in response.scores)
+        print(
+            f"{verdict}: score {response.score:.4f} (threshold {response.threshold:.4f}; {scores})"
+        )
+    return 0
+
+
+_COMMANDS = {
+    "serve": _serve,
+    "export": _export,
+    "calibrate": _calibrate,
+    "embed": _embed,
+    "verify": _verify,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

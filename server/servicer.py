@@ -1,0 +1,68 @@
+"""Thin gRPC servicers: parse the request, call the core, convert the result."""
+
+from __future__ import annotations
+
+import grpc
+
+from server.api.voicegate.v1 import audio_pb2, speaker_pb2, speaker_pb2_grpc
+from server.audio import RawAudioSpec, SampleFormat
+from server.core import AudioInput, SpeakerCore
+from server.errors import InvalidArgument
+
+_SAMPLE_FORMATS = {
+    audio_pb2.SAMPLE_FORMAT_LINEAR16: SampleFormat.LINEAR16,
+    audio_pb2.SAMPLE_FORMAT_FLOAT32: SampleFormat.FLOAT32,
+}
+
+
+def audio_from_proto(audio: audio_pb2.Audio, field: str) -> AudioInput:
+    """The core's view of an `Audio` message; INVALID_ARGUMENT when no source is set."""
+    source = audio.WhichOneof("source")
+    if source == "content":
+        return audio.content
+    if source == "raw":
+        raw = audio.raw
+        return RawAudioSpec(
+            samples=raw.samples,
+            format=_SAMPLE_FORMATS.get(raw.format),
+            sample_rate_hz=raw.sample_rate_hz,
+            channels=raw.channels,
+        )
+    raise InvalidArgument(f"{field} is required: set {field}.content or {field}.raw")
+
+
+class SpeakerServicer(speaker_pb2_grpc.SpeakerServiceServicer):
+    """`voicegate.v1.SpeakerService` over a `SpeakerCore`."""
+
+    def __init__(self, core: SpeakerCore) -> None:
+        self._core = core
+
+    async def Embed(
+        self, request: speaker_pb2.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> speaker_pb2.EmbedResponse:
+        audio = audio_from_proto(request.audio, "audio")
+        result = await self._core.embed(
+            audio, model=request.model or None, timeout_s=context.time_remaining()
+        )
+        return speaker_pb2.EmbedResponse(
+            embedding=result.embedding.tolist(),
+            model=result.model,
+            speech_seconds=result.speech_seconds,
+            partial_count=result.partial_count,
+        )
+
+    async def Verify(
+        self, request: speaker_pb2.VerifyRequest, context: grpc.aio.ServicerContext
+    ) -> speaker_pb2.VerifyResponse:
+        reference = audio_from_proto(request.reference, "reference")
+        probe = audio_from_proto(request.probe, "probe")
+        result = await self._core.verify(reference, probe, timeout_s=context.time_remaining())
+        return speaker_pb2.VerifyResponse(
+            score=result.score,
+            same_speaker=result.same_speaker,
+            threshold=result.threshold,
+            scores=[
+                speaker_pb2.ModelScore(model=name, score=value)
+                for name, value in result.scores.items()
+            ],
+        )

@@ -1,0 +1,98 @@
+"""Shared fixtures: dev speech, and the real Triton and front server on free ports."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from server.config import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA_DIR = ROOT.parent / "shared" / "data" / "librispeech-train-clean-100"
+MODEL_REPOSITORY = ROOT / "model_repository"
+
+
+def dev_data_dir() -> Path | None:
+    """Dev speech from VOICEGATE_DATA_DIR (default: ../shared/data beside the project)."""
+    configured = os.environ.get("VOICEGATE_DATA_DIR")
+    path = Path(configured) if configured else DEFAULT_DATA_DIR
+    return path if path.is_dir() and any(path.glob("*.flac")) else None
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = dev_data_dir()
+    if path is None:
+        pytest.skip(
+            "no development speech: set VOICEGATE_DATA_DIR to a folder of LibriSpeech FLAC "
+            "files (default ../shared/data/librispeech-train-clean-100)"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def speech_files(data_dir: Path) -> list[Path]:
+    return sorted(data_dir.glob("*.flac"))
+
+
+def require_exported_models() -> None:
+    missing = [
+        name
+        for name in ("ge2e_int8", "ge2e_fp32")
+        if not (MODEL_REPOSITORY / name / "1" / "model.onnx").exists()
+    ]
+    if missing:
+        pytest.fail(f"models not exported: {missing}; run `make export` (make test does it)")
+
+
+@pytest.fixture(scope="session")
+def base_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return Settings.load(
+        {
+            "host": "127.0.0.1",
+            "port": 0,
+            "model_repository": MODEL_REPOSITORY,
+            "state_dir": tmp_path_factory.mktemp("state"),
+            "grace_seconds": 2.0,
+            "health_poll_s": 0.2,
+        },
+        environ={},
+    )
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def triton(base_settings: Settings) -> AsyncIterator[object]:
+    """The real Triton from the nvidia-pytriton wheel, serving the exported models."""
+    from server.triton_process import EmbeddedTriton
+
+    require_exported_models()
+    async with EmbeddedTriton(base_settings, models=list(base_settings.encoder_models)) as server:
+        yield server
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def app(base_settings: Settings, triton: object) -> AsyncIterator[object]:
+    """The real front server, using the session's Triton as an external one."""
+    from server.app import VoicegateApp
+
+    settings = base_settings.replace(triton_url=triton.grpc_url)  # type: ignore[attr-defined]
+    async with VoicegateApp(settings) as running:
+        yield running
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def channel(app: object) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as open_channel:  # type: ignore[attr-defined]
+        yield open_channel
+
+
+@pytest.fixture(scope="session")
+def speaker_stub(channel: grpc.aio.Channel) -> object:
+    from server.api.voicegate.v1 import speaker_pb2_grpc
+
+    return speaker_pb2_grpc.SpeakerServiceStub(channel)

@@ -1,0 +1,165 @@
+"""Decoding and preprocessing: real formats, raw PCM and every way audio can be wrong."""
+
+import io
+
+import numpy as np
+import pytest
+import soundfile
+
+from server.audio import (
+    SAMPLE_RATE,
+    RawAudioSpec,
+    SampleFormat,
+    decode_content,
+    decode_raw,
+    normalize_volume,
+)
+from server.errors import InvalidArgument, InvalidAudio, NotEnoughSpeech
+from server.features import (
+    PARTIAL_FRAMES,
+    average_embedding,
+    partial_slices,
+    power_mel,
+    prepare_utterance,
+    trim_silence,
+)
+
+
+def tone(seconds: float, rate: int = SAMPLE_RATE, channels: int = 1) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    wave = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    return np.repeat(wave[:, None], channels, axis=1)
+
+
+def encode(frames: np.ndarray, rate: int, fmt: str, subtype: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, frames, rate, format=fmt, subtype=subtype)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(("fmt", "subtype"), [("WAV", "PCM_16"), ("FLAC", None), ("OGG", None)])
+@pytest.mark.parametrize("rate", [8000, 44100])
+def test_encoded_files_decode_to_mono_16k(fmt: str, subtype: str | None, rate: int) -> None:
+    content = encode(tone(1.0, rate, channels=2), rate, fmt, subtype)
+    wave = decode_content(content, max_seconds=10)
+    assert wave.dtype == np.float32
+    assert abs(len(wave) - SAMPLE_RATE) <= 64
+
+
+def test_mp3_decodes() -> None:
+    content = encode(tone(1.0, 44100), 44100, "MP3")
+    wave = decode_content(content, max_seconds=10)
+    assert abs(len(wave) / SAMPLE_RATE - 1.0) < 0.1
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "audio.content is empty"),
+        (b"not audio at all" * 10, "not a decodable audio file"),
+        (b"RIFF\x00\x00\x00\x00WAVEfmt ", "not a decodable audio file"),
+    ],
+)
+def test_bad_content_is_invalid_audio(content: bytes, message: str) -> None:
+    with pytest.raises(InvalidAudio, match=message):
+        decode_content(content, max_seconds=10)
+
+
+def test_truncated_wav_still_decodes_what_is_there_or_fails_cleanly() -> None:
+    content = encode(tone(1.0), SAMPLE_RATE, "WAV", "PCM_16")[:5000]
+    try:
+        wave = decode_content(content, max_seconds=10)
+    except InvalidAudio:
+        return
+    assert 0 < len(wave) < SAMPLE_RATE
+
+
+def test_too_long_content_is_rejected_before_decoding() -> None:
+    content = encode(tone(3.0), SAMPLE_RATE, "WAV", "PCM_16")
+    with pytest.raises(InvalidArgument, match="over the limit of 2 s"):
+        decode_content(content, max_seconds=2)
+
+
+def test_raw_linear16_and_float32_agree() -> None:
+    wave = tone(0.5)[:, 0]
+    pcm16 = RawAudioSpec((wave * 32767).astype("<i2").tobytes(), SampleFormat.LINEAR16, 16000)
+    f32 = RawAudioSpec(wave.astype("<f4").tobytes(), SampleFormat.FLOAT32, 16000)
+    a = decode_raw(pcm16, max_seconds=10)
+    b = decode_raw(f32, max_seconds=10)
+    assert np.max(np.abs(a - b)) < 1e-3
+
+
+def test_raw_stereo_is_downmixed() -> None:
+    left = np.full(1600, 0.5, dtype="<f4")
+    frames = np.stack([left, -left], axis=1).reshape(-1)
+    wave = decode_raw(
+        RawAudioSpec(frames.tobytes(), SampleFormat.FLOAT32, 16000, channels=2), max_seconds=10
+    )
+    assert np.allclose(wave, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (RawAudioSpec(b"\x00\x00", None, 16000), "format is required"),
+        (RawAudioSpec(b"", SampleFormat.LINEAR16, 16000), "samples is empty"),
+        (RawAudioSpec(b"\x00\x00\x00", SampleFormat.LINEAR16, 16000), "not a multiple of 2"),
+        (RawAudioSpec(b"\x00" * 12, SampleFormat.FLOAT32, 16000, 2), "not a multiple of 8"),
+        (RawAudioSpec(b"\x00\x00", SampleFormat.LINEAR16, 100), "sample rate 100 Hz"),
+        (RawAudioSpec(b"\x00\x00", SampleFormat.LINEAR16, 16000, 9), "9 channels"),
+        (
+            RawAudioSpec(np.array([np.nan], "<f4").tobytes(), SampleFormat.FLOAT32, 16000),
+            "NaN or infinite",
+        ),
+    ],
+)
+def test_bad_raw_audio_names_the_problem(raw: RawAudioSpec, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        decode_raw(raw, max_seconds=10)
+
+
+def test_normalize_volume_raises_quiet_audio_only() -> None:
+    quiet = tone(1.0)[:, 0] * 0.001
+    loud = tone(1.0)[:, 0]
+    assert np.abs(normalize_volume(quiet)).max() > np.abs(quiet).max()
+    assert np.array_equal(normalize_volume(loud), loud)
+    assert np.array_equal(normalize_volume(np.zeros(10, np.float32)), np.zeros(10))
+
+
+def test_trim_silence_drops_long_silences_and_keeps_short_pauses() -> None:
+    speech = tone(1.0)[:, 0]
+    silence = np.zeros(SAMPLE_RATE, dtype=np.float32)
+    short_pause = np.zeros(SAMPLE_RATE // 10, dtype=np.float32)
+    trimmed = trim_silence(np.concatenate([silence, speech, silence, speech, silence]))
+    assert abs(len(trimmed) - 2 * SAMPLE_RATE) < 0.1 * SAMPLE_RATE
+    kept = trim_silence(np.concatenate([speech, short_pause, speech]))
+    assert len(kept) >= 2 * SAMPLE_RATE + len(short_pause) - 960
+    assert len(trim_silence(silence)) == 0
+
+
+def test_power_mel_matches_ge2e_framing() -> None:
+    mel = power_mel(tone(1.0)[:, 0])
+    assert mel.shape == (101, 40)
+    assert mel.dtype == np.float32
+    assert (mel >= 0).all()
+
+
+def test_partial_slices_follow_resemblyzer() -> None:
+    # 4 s at 16 kHz: 401 frames, a window every 77 frames.
+    slices = partial_slices(4 * SAMPLE_RATE)
+    assert [s.start for s in slices] == [0, 77, 154, 231]
+    assert all(s.stop - s.start == PARTIAL_FRAMES for s in slices)
+    assert len(partial_slices(SAMPLE_RATE // 2)) == 1
+
+
+def test_prepare_utterance_rejects_too_little_speech() -> None:
+    with pytest.raises(NotEnoughSpeech, match=r"at least 0\.50 s"):
+        prepare_utterance(np.zeros(4 * SAMPLE_RATE, dtype=np.float32), 0.5)
+    utterance = prepare_utterance(tone(2.0)[:, 0], 0.5)
+    assert utterance.partials.shape[1:] == (160, 40)
+    assert utterance.speech_seconds == pytest.approx(2.0, abs=0.05)
+
+
+def test_average_embedding_is_unit_norm() -> None:
+    partial = np.random.default_rng(0).random((5, 256)).astype(np.float32)
+    assert np.linalg.norm(average_embedding(partial)) == pytest.approx(1.0, abs=1e-6)

@@ -1,0 +1,422 @@
+"""The export: GE2E in torch, ONNX fp32/int8/fp16, validation, Triton repository writer.
+
+One module-scoped fixture runs the whole cpu export into a temporary repository; the other
+tests reuse its files. Tests that need real speech skip without the development data.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from export import repository, triton_config, validation
+from export.devdata import DEFAULT_DATA_DIR
+from server.errors import ExportError
+
+ROOT = Path(__file__).resolve().parents[1]
+VALIDATION_UTTERANCES = 8
+
+
+def _dev_dir() -> Path | None:
+    configured = os.environ.get("VOICEGATE_DATA_DIR")
+    path = Path(configured) if configured else DEFAULT_DATA_DIR
+    return path if path.is_dir() and any(path.glob("*.flac")) else None
+
+
+NEEDS_DATA = pytest.mark.skipif(
+    _dev_dir() is None,
+    reason="no development speech: set VOICEGATE_DATA_DIR to a folder of LibriSpeech FLAC files",
+)
+
+
+@pytest.fixture(scope="module")
+def encoder() -> Any:
+    from export.encoder import load_encoder
+
+    return load_encoder()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """The full cpu export (with real speech when available) into a scratch repository."""
+    from export.pipeline import run_export
+
+    repo = tmp_path_factory.mktemp("export") / "model_repository"
+    report = run_export("cpu", repo, _dev_dir(), validation_utterances=VALIDATION_UTTERANCES)
+    return repo, report
+
+
+@pytest.fixture(scope="module")
+def dev_set() -> Any:
+    from export.devdata import load_dev_set
+
+    path = _dev_dir()
+    if path is None:
+        pytest.skip("no development speech: set VOICEGATE_DATA_DIR")
+    return load_dev_set(path, VALIDATION_UTTERANCES)
+
+
+def _embed(model: Path) -> Any:
+    from export.onnx_export import run, session
+
+    sess = session(model)
+    return lambda mels: run(sess, mels)
+
+
+# --- the torch encoder ---------------------------------------------------------------------
+
+
+def test_checkpoint_holds_exactly_the_model_and_the_known_training_keys(encoder: Any) -> None:
+    import torch
+
+    from export.encoder import TRAINING_ONLY_KEYS, pretrained_path
+
+    state = torch.load(pretrained_path(), map_location="cpu", weights_only=True)["model_state"]
+    assert set(state) == set(encoder.state_dict()) | TRAINING_ONLY_KEYS
+    assert sum(p.numel() for p in encoder.parameters()) == 1_423_616
+
+
+def test_encoder_rejects_a_checkpoint_that_does_not_fit(tmp_path: Path) -> None:
+    import torch
+
+    from export.encoder import load_encoder, pretrained_path
+
+    checkpoint = torch.load(pretrained_path(), map_location="cpu", weights_only=True)
+    extra = {"model_state": {**checkpoint["model_state"], "lstm.weight_ih_l3": torch.zeros(1)}}
+    torch.save(extra, tmp_path / "extra.pt")
+    with pytest.raises(ExportError, match="unexpected keys"):
+        load_encoder(tmp_path / "extra.pt")
+    missing = {"model_state": {k: v for k, v in checkpoint["model_state"].items() if "l2" not in k}}
+    torch.save(missing, tmp_path / "missing.pt")
+    with pytest.raises(ExportError, match="do not fit"):
+        load_encoder(tmp_path / "missing.pt")
+
+
+def test_encoder_matches_resemblyzer(encoder: Any) -> None:
+    import torch
+    from resemblyzer import VoiceEncoder
+
+    reference = VoiceEncoder(device="cpu", verbose=False)
+    mels = torch.from_numpy(validation.random_partials(5))
+    with torch.no_grad():
+        expected = reference(mels).numpy()
+        actual = encoder(mels).numpy()
+    np.testing.assert_allclose(actual, expected, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(actual, axis=1), 1.0, atol=1e-5)
+
+
+# --- ONNX ------------------------------------------------------------------------------------
+
+
+def test_onnx_fp32_matches_torch_at_any_batch(
+    exported: tuple[Path, dict[str, Any]], encoder: Any
+) -> None:
+    import onnx
+    import torch
+
+    repo, report = exported
+    model = repo / "ge2e_fp32" / "1" / "model.onnx"
+    graph = onnx.load(str(model)).graph
+    assert [i.name for i in graph.input] == ["mels"]
+    assert [o.name for o in graph.output] == ["embedding"]
+    embed = _embed(model)
+    for batch in (1, 3, 64):
+        mels = validation.random_partials(batch, seed=100 + batch)
+        with torch.no_grad():
+            expected = encoder(torch.from_numpy(mels)).numpy()
+        assert np.abs(embed(mels) - expected).max() <= validation.FP32_MAX_ABS_DIFF
+    assert report["fp32_vs_torch"]["max_abs_diff"] <= validation.FP32_MAX_ABS_DIFF
+    assert report["opset"] == 17
+
+
+def test_int8_keeps_the_first_lstm_fp32_and_quantizes_the_others(
+    exported: tuple[Path, dict[str, Any]],
+) -> None:
+    import onnx
+    from onnx import TensorProto
+
+    from export.quantize import lstm_nodes
+
+    model = onnx.load(str(exported[0] / "ge2e_int8" / "1" / "model.onnx"))
+    weights = {init.name: init.data_type for init in model.graph.initializer}
+    first, *rest = lstm_nodes(model)
+    assert first.op_type == "LSTM"
+    assert first.input[0].startswith("/lstm/Transpose")  # it reads the mel input
+    assert weights[first.input[1]] == TensorProto.FLOAT
+    assert [n.op_type for n in rest] == ["DynamicQuantizeLSTM", "DynamicQuantizeLSTM"]
+    for node in rest:
+        assert weights[node.input[1]] == TensorProto.INT8  # W, per-channel
+        assert weights[node.input[2]] == TensorProto.INT8  # R
+
+
+@NEEDS_DATA
+def test_int8_utterance_embeddings_stay_close_to_fp32(
+    exported: tuple[Path, dict[str, Any]],
+) -> None:
+    figures = exported[1]["models"]["ge2e_int8"]["vs_fp32"]
+    for check in ("per_utterance", "mixed_batches"):
+        assert figures[check]["utterances"] == VALIDATION_UTTERANCES
+        assert figures[check]["cosine_min"] >= validation.MIN_UTTERANCE_COSINE
+
+
+def test_fp16_runs_on_cpu_and_stays_close_to_fp32(
+    exported: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    import onnx
+
+    from export.quantize import convert_fp16
+
+    fp32 = exported[0] / "ge2e_fp32" / "1" / "model.onnx"
+    convert_fp16(fp32, tmp_path / "fp16.onnx")
+    graph = onnx.load(str(tmp_path / "fp16.onnx")).graph
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # keep_io_types
+    mels = validation.random_partials(16, seed=7)
+    a, b = _embed(fp32)(mels), _embed(tmp_path / "fp16.onnx")(mels)
+    assert np.sum(a * b, axis=1).min() > 0.999
+
+
+# --- validation fails loudly -------------------------------------------------------------
+
+
+def test_fp32_check_raises_on_a_corrupted_model(
+    exported: tuple[Path, dict[str, Any]], encoder: Any, tmp_path: Path
+) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    from export.pipeline import check_fp32
+
+    model = onnx.load(str(exported[0] / "ge2e_fp32" / "1" / "model.onnx"))
+    for init in model.graph.initializer:
+        if init.name == "linear.bias":
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + 0.05, init.name))
+    onnx.save(model, str(tmp_path / "broken.onnx"))
+    with pytest.raises(ExportError, match="max abs difference"):
+        check_fp32(encoder, tmp_path / "broken.onnx", None)
+
+
+@NEEDS_DATA
+def test_cosine_check_raises_on_naive_quantization(
+    exported: tuple[Path, dict[str, Any]], dev_set: Any, tmp_path: Path
+) -> None:
+    """All LSTMs quantized per-tensor (the first one too) is what the check must catch."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    from export.pipeline import _compare_to_fp32
+
+    fp32 = exported[0] / "ge2e_fp32" / "1" / "model.onnx"
+    quantize_dynamic(fp32, tmp_path / "naive.onnx", op_types_to_quantize=["LSTM"])
+    with pytest.raises(ExportError, match=r"below 0\.998"):
+        _compare_to_fp32("naive int8", tmp_path / "naive.onnx", fp32, dev_set, [])
+
+
+def test_cosine_check_names_the_worst_utterance() -> None:
+    good = np.eye(3, dtype=np.float32)
+    bad = good.copy()
+    bad[1] = [0.6, 0.8, 0.0]
+    assert validation.check_cosine("same", good, good, ["a", "b", "c"])["cosine_min"] == 1.0
+    with pytest.raises(ExportError, match="for b, below"):
+        validation.check_cosine("bad", bad, good, ["a", "b", "c"])
+
+
+def test_missing_data_skips_the_speech_checks_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from export.pipeline import _dev_set
+
+    monkeypatch.delenv("VOICEGATE_DATA_DIR", raising=False)
+    warnings: list[str] = []
+    assert _dev_set(tmp_path / "absent", 40, warnings) is None
+    assert "SKIPPED" in warnings[0]
+    assert "WARNING" in capsys.readouterr().err
+
+
+def test_unknown_target_and_wrong_repository_are_refused(tmp_path: Path) -> None:
+    from export.pipeline import run_export
+
+    with pytest.raises(ExportError, match="unknown export target"):
+        run_export("tpu", tmp_path)
+    # The committed cpu repository must never be overwritten by the gpu target's ge2e_fp32.
+    with pytest.raises(ExportError, match="another export target"):
+        run_export("gpu", ROOT / "model_repository")
+
+
+# --- Triton repository ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["cpu", "gpu"])
+def test_configs_parse_with_tritons_schema(target: str) -> None:
+    from tritonclient.grpc import model_config_pb2
+
+    files = repository.committed_files(target)
+    configs = {p.split("/")[0]: c for p, c in files.items() if p.endswith("config.pbtxt")}
+    assert sorted(configs) == sorted(repository.TARGET_MODELS[target])
+    for name, text in configs.items():
+        config = triton_config.parse_config(text.decode())
+        assert config.name == name
+        assert config.max_batch_size == 64
+        (mels,) = config.input
+        (embedding,) = config.output
+        assert (mels.name, list(mels.dims)) == ("mels", [160, 40])
+        assert (embedding.name, list(embedding.dims)) == ("embedding", [256])
+        assert mels.data_type == embedding.data_type == model_config_pb2.TYPE_FP32
+        assert config.dynamic_batching.max_queue_delay_microseconds > 0
+        (group,) = config.instance_group
+        if target == "cpu":
+            assert config.backend == "python" and not config.platform
+            assert group.kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+            assert config.parameters["intra_op_thread_count"].string_value == "1"
+            assert f"{name}/1/model.py" in files
+        else:
+            assert config.platform == "onnxruntime_onnx" and not config.backend
+            assert group.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+            assert not any(p.endswith("model.py") for p in files)
+
+
+def test_committed_model_repository_is_what_the_writer_produces() -> None:
+    for path, content in repository.committed_files("cpu").items():
+        committed = ROOT / "model_repository" / path
+        assert committed.is_file(), f"{committed} missing: run `voicegate export`"
+        assert committed.read_bytes() == content, f"{committed} is stale: run `voicegate export`"
+
+
+def test_export_writes_the_layout_and_reports(exported: tuple[Path, dict[str, Any]]) -> None:
+    repo, report = exported
+    files = repository.committed_files("cpu")
+    for path, content in files.items():
+        assert (repo / path).read_bytes() == content
+    for name in ("ge2e_int8", "ge2e_fp32"):
+        saved = json.loads((repo / name / "1" / "export_report.json").read_text())
+        assert saved == json.loads(json.dumps(report["models"][name]))
+        assert saved["onnx_bytes"] == (repo / name / "1" / "model.onnx").stat().st_size
+        assert saved["opset"] == 17 and saved["versions"]["onnxruntime"]
+    sizes = {name: info["onnx_bytes"] for name, info in report["models"].items()}
+    assert sizes["ge2e_int8"] < 0.5 * sizes["ge2e_fp32"]
+    assert not list(repo.rglob(".*"))  # no temporary files left behind
+
+
+# --- the Python-backend model.py, with a stand-in for Triton's pb_utils -----------------------
+
+
+class _Tensor:
+    def __init__(self, name: str, array: np.ndarray) -> None:
+        self._name, self._array = name, array
+
+    def name(self) -> str:
+        return self._name
+
+    def as_numpy(self) -> np.ndarray:
+        return self._array
+
+
+class _Request:
+    def __init__(self, **inputs: np.ndarray) -> None:
+        self._inputs = [_Tensor(k, v) for k, v in inputs.items()]
+
+    def inputs(self) -> list[_Tensor]:
+        return self._inputs
+
+
+class _Response:
+    def __init__(self, output_tensors: list[_Tensor], error: Any = None) -> None:
+        self.output_tensors, self.error = output_tensors, error
+
+
+class _TritonError(Exception):
+    INVALID_ARG = 3
+
+    def __init__(self, message: str, code: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@pytest.fixture
+def triton_model(
+    monkeypatch: pytest.MonkeyPatch, exported: tuple[Path, dict[str, Any]]
+) -> tuple[Any, Path]:
+    fake = types.ModuleType("triton_python_backend_utils")
+    fake.Tensor = _Tensor  # type: ignore[attr-defined]
+    fake.InferenceResponse = _Response  # type: ignore[attr-defined]
+    fake.TritonError = _TritonError  # type: ignore[attr-defined]
+    fake.get_input_tensor_by_name = lambda request, name: next(  # type: ignore[attr-defined]
+        (t for t in request.inputs() if t.name() == name), None
+    )
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
+    monkeypatch.delitem(sys.modules, "export.triton_python_model", raising=False)
+    module = importlib.import_module("export.triton_python_model")
+    model_dir = exported[0] / "ge2e_int8"
+    model = module.TritonPythonModel()
+    config = triton_config.parse_config((model_dir / "config.pbtxt").read_text())
+    from google.protobuf import json_format
+
+    model.initialize(
+        {
+            "model_config": json.dumps(
+                json_format.MessageToDict(config, preserving_proto_field_name=True)
+            ),
+            "model_repository": str(model_dir),
+            "model_version": "1",
+            "model_name": "ge2e_int8",
+        }
+    )
+    return model, model_dir / "1" / "model.onnx"
+
+
+def test_triton_model_runs_a_dynamic_batch_in_one_go(triton_model: tuple[Any, Path]) -> None:
+    model, onnx_file = triton_model
+    assert model.session.get_session_options().intra_op_num_threads == 1
+    a = validation.random_partials(2, seed=1)
+    b = validation.random_partials(3, seed=2)
+    requests = [
+        _Request(mels=a),
+        _Request(mels=np.zeros((1, 10, 40), np.float32)),
+        _Request(mels=b),
+        _Request(other=a),
+    ]
+    responses = model.execute(requests)
+    assert len(responses) == 4
+    together = _embed(onnx_file)(np.concatenate([a, b]))
+    np.testing.assert_array_equal(responses[0].output_tensors[0].as_numpy(), together[:2])
+    np.testing.assert_array_equal(responses[2].output_tensors[0].as_numpy(), together[2:])
+    assert responses[0].error is None and responses[2].error is None
+    assert "shape [1, 10, 40]" in str(responses[1].error)
+    assert responses[1].error.code == _TritonError.INVALID_ARG
+    assert "missing" in str(responses[3].error)
+
+
+def test_triton_model_reports_a_runtime_failure_to_every_request(
+    triton_model: tuple[Any, Path],
+) -> None:
+    model, _ = triton_model
+
+    class Broken:
+        def run(self, *args: Any) -> Any:
+            raise RuntimeError("out of memory")
+
+    model.session = Broken()
+    requests = [_Request(mels=validation.random_partials(1)) for _ in range(2)]
+    responses = model.execute(requests)
+    assert all("out of memory" in str(r.error) for r in responses)
+
+
+# --- import hygiene ------------------------------------------------------------------------
+
+
+def test_importing_the_pipeline_loads_no_heavy_modules() -> None:
+    code = (
+        "import sys, export.pipeline, export.triton_config, export.repository; "
+        "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
