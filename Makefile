@@ -16,12 +16,21 @@ INSTALLED := $(VENV)/.installed
 STUBS := server/api/voicegate/v1/speaker_pb2_grpc.py
 MODELS := model_repository/ge2e_int8/1/model.onnx model_repository/ge2e_fp32/1/model.onnx
 PROTOS := $(wildcard proto/voicegate/v1/*.proto)
+# Any Python with grpcio-tools generates the stubs (the container build passes its own).
+PROTOC_PYTHON ?= $(BIN)/python
+# The buf CLI and the Node example's packages, pinned by one lockfile, in one node_modules.
+NODE_DIR := examples/node
+NODE_INSTALLED := $(NODE_DIR)/node_modules/.installed
+BUF := $(NODE_DIR)/node_modules/.bin/buf
+# The API as last released: `buf breaking` compares proto/ with it (proto/released/README.md).
+RELEASED_API := proto/released/voicegate-v1.binpb
 
-.PHONY: help setup proto export serve test lint typecheck clean
+.PHONY: help setup proto stubs export serve test lint typecheck api-check api-release clean
 
 help:
 	@echo "make serve   set up, export if needed, start Triton and the gRPC front server"
 	@echo "make test    set up and run every test and quality gate"
+	@echo "make api-check    buf lint and breaking-change check of proto/ (part of make test)"
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,13 +46,33 @@ setup: $(INSTALLED) $(STUBS)
 # protoc writes absolute imports (`from voicegate.v1 import ...`); they become relative so
 # the stubs live inside the server package.
 $(STUBS): $(PROTOS) $(INSTALLED)
+	$(MAKE) --no-print-directory stubs
+
+# The generation alone, without setting up .venv: `make stubs PROTOC_PYTHON=...`.
+stubs:
 	rm -rf server/api && mkdir -p server/api
-	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=server/api --pyi_out=server/api \
+	$(PROTOC_PYTHON) -m grpc_tools.protoc -Iproto --python_out=server/api --pyi_out=server/api \
 		--grpc_python_out=server/api $(PROTOS)
 	sed -i -E 's/^from voicegate\.v1 import/from . import/' server/api/voicegate/v1/*.py*
 	touch server/api/__init__.py server/api/voicegate/__init__.py server/api/voicegate/v1/__init__.py
 
 proto: $(STUBS)
+
+# npm ci: exactly the locked versions; install scripts are not needed (buf's launcher finds
+# its platform binary itself) and are not run.
+$(NODE_INSTALLED): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
+	cd $(NODE_DIR) && npm ci --ignore-scripts --no-audit --no-fund
+	touch $@
+
+# API conventions: buf lint (STANDARD + COMMENTS) and no breaking change against the release.
+api-check: $(NODE_INSTALLED)
+	$(BUF) lint
+	$(BUF) breaking --against $(RELEASED_API)
+
+# Record proto/ as the released API; run only when releasing a new API version.
+api-release: $(NODE_INSTALLED)
+	$(BUF) lint
+	$(BUF) build --exclude-source-info -o $(RELEASED_API)
 
 $(MODELS): | setup
 	$(BIN)/voicegate export --target cpu
@@ -61,7 +90,7 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy server export benchmarks
 
-test: setup $(MODELS) lint typecheck
+test: setup $(MODELS) lint typecheck api-check
 	$(BIN)/python -m pytest --cov --cov-report=term $(PYTEST_ARGS)
 
 clean:

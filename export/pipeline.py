@@ -6,27 +6,27 @@ once all checks pass, so a failed export never leaves a broken model behind.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import logging
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from export import evaluation, validation
 from export import repository as repo
-from export import validation
 from export.devdata import DevSet, load_dev_set
 from server.errors import ExportError
 
 log = logging.getLogger("voicegate.export")
 
 # Batch size of the mixed-utterance check: what Triton's dynamic batcher can put together.
-SERVED_BATCH = 64
+SERVED_BATCH = evaluation.SERVED_BATCH
 
 
 def run_export(
@@ -34,11 +34,16 @@ def run_export(
     repository: Path | None = None,
     data_dir: Path | None = None,
     validation_utterances: int = 40,
+    trial_recordings: int | None = None,
+    throughput_rounds: int = 3,
 ) -> dict[str, Any]:
     """Export, validate and install the `target` models; returns the report (also printed).
 
     repository None: model_repository/ for cpu, build/model_repository_gpu/ for gpu.
     data_dir None: `VOICEGATE_DATA_DIR`; without it the real-speech checks are skipped loudly.
+    validation_utterances: whole dev utterances for the cosine checks (the first in name order).
+    trial_recordings: dev recordings whose halves make the EER trials (None: every recording
+    not used for calibration). throughput_rounds: rounds of the partials/s comparison.
     """
     import onnx
     import onnxruntime
@@ -76,12 +81,37 @@ def run_export(
         report["fp32_vs_torch"] = check_fp32(encoder, fp32, dev)
         models = {"ge2e_fp32": {"precision": "fp32", "fp32_vs_torch": report["fp32_vs_torch"]}}
         files = {"ge2e_fp32": fp32}
+        recordings = evaluation.recordings(dev.data_dir) if dev else []
+        calibration = None
         if target == "cpu":
-            files["ge2e_int8"], models["ge2e_int8"] = build_int8(fp32, work, dev, warnings)
+            if dev:
+                candidates = [p for p in recordings if p.name not in set(dev.files)]
+                calibration = _calibration(candidates)
+                report["calibration"] = calibration.figures
+            files["ge2e_int8"], models["ge2e_int8"] = build_int8(
+                encoder, work, calibration, warnings
+            )
         else:
             files["ge2e_fp16"], models["ge2e_fp16"] = build_fp16(fp32, work, dev, warnings)
+            files["ge2e_trt_fp16"] = fp32
+            models["ge2e_trt_fp16"] = {
+                "precision": "TensorRT FP16 engine built from the fp32 ONNX at model load",
+                "validated_on": (
+                    "not validated here (needs a GPU with TensorRT): "
+                    "python benchmarks/gpu_precision.py --onnx-dir <dir with these ONNX files>"
+                ),
+            }
+        trials = [p for p in recordings if not calibration or p.name not in calibration.files]
+        trials = trials[:trial_recordings] if trial_recordings is not None else trials
+        report["precision"] = evaluate_precisions(
+            target, files, models, dev, trials, throughput_rounds, warnings
+        )
         common = {k: report[k] for k in ("target", "opset", "versions", "data")}
-        reports = {name: {"model": name, **common, **figures} for name, figures in models.items()}
+        summary = {"precision_summary": report["precision"]["table"]}
+        reports = {
+            name: {"model": name, **common, **figures, **summary}
+            for name, figures in models.items()
+        }
         report["models"] = repo.write_repository(repository, target, files, reports)
     report["export_seconds"] = round(time.perf_counter() - started, 1)
     print_summary(report)
@@ -113,33 +143,89 @@ def check_fp32(encoder: Any, fp32: Path, dev: DevSet | None) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """The seeded dev-speech sample the int8 weights are rounded for (GPTQ)."""
+
+    partials: np.ndarray
+    files: frozenset[str]
+    figures: dict[str, Any]
+
+
+def _calibration(candidates: list[Path]) -> Calibration:
+    from export import int8_invariant as inv
+
+    partials, names = evaluation.calibration_sample(
+        candidates, inv.CALIBRATION_SEED, inv.CALIBRATION_FILES, inv.CALIBRATION_PARTIALS
+    )
+    figures = {
+        "seed": inv.CALIBRATION_SEED,
+        "recordings": len(names),
+        "partials": len(partials),
+        "partials_sha256": inv.partials_digest(partials),
+        "files": names,
+        "drawn_from": (
+            f"{len(candidates)} dev recordings (one per speaker) not among the validation "
+            "utterances; they are also left out of the EER trials"
+        ),
+    }
+    return Calibration(partials, frozenset(names), figures)
+
+
 def build_int8(
-    fp32: Path, work: Path, dev: DevSet | None, warnings: list[str]
+    encoder: Any, work: Path, calibration: Calibration | None, warnings: list[str]
 ) -> tuple[Path, dict[str, Any]]:
-    """Quantize, check the node layout, and compare utterance embeddings to fp32."""
+    """The batch-invariant int8 encoder (export/int8_invariant.py) and its layout check."""
     import onnx
 
-    from export.quantize import lstm_nodes, quantize_int8
+    from export import int8_invariant as inv
+    from export.quantize import lstm_nodes
 
+    bounds = inv.kernel_bounds()
+    if calibration is None:
+        note = (
+            "no development speech to calibrate on: int8 weights are rounded to nearest "
+            "instead of GPTQ (about 3x the embedding error)"
+        )
+        log.warning(note)
+        warnings.append(note)
+    model = inv.build_model(encoder, bounds, calibration.partials if calibration else None)
     path = work / "ge2e_int8.onnx"
-    with _quiet_root_logger():  # ORT's quantizer logs a generic pre-processing hint
-        excluded = quantize_int8(fp32, path)
-    layout = [node.op_type for node in lstm_nodes(onnx.load(str(path)))]
+    onnx.save(model, str(path))
+    layout = [node.op_type for node in lstm_nodes(model)]
     if layout != ["LSTM", "DynamicQuantizeLSTM", "DynamicQuantizeLSTM"]:
         raise ExportError(f"int8 model has LSTM layout {layout}; expected the first one fp32")
+    scale, zero_point = bounds.quantization()
     figures: dict[str, Any] = {
-        "precision": "int8 dynamic, per-channel weights, first LSTM fp32",
-        "fp32_nodes": excluded,
+        "precision": (
+            "int8, batch-invariant: DynamicQuantizeLSTM with activation ranges pinned by "
+            "anchor units, GPTQ per-channel weights; first LSTM fp32"
+        ),
         "lstm_layout": layout,
+        "hidden_units": {"real": inv.HIDDEN, "anchors": inv.ANCHORS},
+        "activation_quantization": {
+            "scale": scale,
+            "zero_point": zero_point,
+            "how": (
+                "uint8, per tensor; every tensor holds the anchors' h_max and h_min, so "
+                "ONNX Runtime's min/max scale is this constant for any batch"
+            ),
+        },
+        "anchors": bounds.as_dict(),
+        "weights": {
+            "type": "int8 symmetric, one scale per output channel (max |w| / 127)",
+            "rounding": "GPTQ, act-order" if calibration else "round to nearest",
+            "gptq_damping": inv.GPTQ_DAMPING if calibration else None,
+        },
+        "calibration": calibration.figures if calibration else None,
     }
-    figures.update(_compare_to_fp32("int8", path, fp32, dev, warnings))
     return path, figures
 
 
 def build_fp16(
     fp32: Path, work: Path, dev: DevSet | None, warnings: list[str]
 ) -> tuple[Path, dict[str, Any]]:
-    """Convert to fp16 and compare on ORT CPU where it runs.
+    """Convert to fp16; `evaluate_precisions` compares it on ORT CPU where it runs.
 
     ORT's CPU provider has no fp16 LSTM: it inserts casts and computes those nodes in fp32, so
     this check covers the fp16 weights and fp16 tensors between nodes, not GPU fp16 arithmetic.
@@ -152,16 +238,139 @@ def build_fp16(
         "precision": "fp16 weights and compute, fp32 input/output",
         "validated_on": "ONNX Runtime CPU (fp16 nodes without CPU kernels run in fp32 there)",
     }
-    try:
-        figures.update(_compare_to_fp32("fp16", path, fp32, dev, warnings))
-    except ExportError:
-        raise
-    except Exception as exc:  # an ORT build that cannot load fp16 on CPU at all
-        note = f"fp16 could not run on ONNX Runtime CPU ({exc}); validate it on the GPU"
-        log.warning(note)
-        warnings.append(note)
-        figures["validated_on"] = "not validated"
     return path, figures
+
+
+# Models of each target that ONNX Runtime runs on this machine's CPU, and the ones whose
+# partials/s on this CPU mean something (the gpu target's are measured on the GPU).
+CPU_RUNNABLE = {"cpu": ("ge2e_fp32", "ge2e_int8"), "gpu": ("ge2e_fp32", "ge2e_fp16")}
+CPU_TIMED = {"cpu": ("ge2e_fp32", "ge2e_int8"), "gpu": ()}
+THROUGHPUT_BATCHES = (1, 8, 32)
+# Issue 3: int8 partials/s at batch 32 at least this multiple of fp32's, same run.
+MIN_INT8_SPEEDUP = 1.8
+
+
+def evaluate_precisions(
+    target: str,
+    files: dict[str, Path],
+    models: dict[str, dict[str, Any]],
+    dev: DevSet | None,
+    trials: list[Path],
+    throughput_rounds: int,
+    warnings: list[str],
+) -> dict[str, Any]:
+    """Every precision against fp32 on dev speech: cosine, EER, batch invariance, partials/s.
+
+    Adds each model's figures to `models[name]`; raises ExportError when a reduced precision
+    falls below the cosine floor, moves the EER by more than 0.1 points (with enough trials) or
+    an int8 embedding depends on its batch-mates; returns the summary table.
+    """
+    from export.onnx_export import run, session
+    from export.throughput import compare, speedup
+
+    reference = "ge2e_fp32"
+    embeds: dict[str, evaluation.Embed] = {}
+    for name in CPU_RUNNABLE[target]:
+        try:
+            sess = session(files[name])
+        except Exception as exc:  # e.g. an ORT build that cannot load fp16 on CPU at all
+            note = f"{name} could not run on ONNX Runtime CPU ({exc}); validate it on the GPU"
+            log.warning(note)
+            warnings.append(note)
+            models[name]["validated_on"] = "not validated"
+            continue
+        embeds[name] = functools.partial(run, sess)
+    halves = evaluation.load_halves(trials) if trials else None
+    if halves and halves.skipped:
+        warnings.append(f"trial recordings skipped (a half under 0.5 s): {list(halves.skipped)}")
+    embedded = {n: evaluation.embed_halves(e, halves) for n, e in embeds.items()} if halves else {}
+    mates = validation.random_partials(40, seed=11)
+    targets = dev.all_partials[:24] if dev else validation.random_partials(24, seed=12)
+    for name, embed in embeds.items():
+        figures = models[name]
+        if name != reference and dev is not None:
+            figures.update(_compare_to_fp32(name, files[name], files[reference], dev, warnings))
+        if halves:
+            figures["eer"] = {
+                **evaluation.equal_error_rate(*embedded[name]),
+                "recordings": len(halves.files),
+                "trials": "two halves of each recording; first halves vs other recordings' "
+                "second halves",
+            }
+            if name != reference:
+                cosine = evaluation.cosine_figures(
+                    np.concatenate(embedded[name]),
+                    np.concatenate(embedded[reference]),
+                    [f"{f} (1st half)" for f in halves.files]
+                    + [f"{f} (2nd half)" for f in halves.files],
+                )
+                figures.setdefault("vs_fp32", {})["trial_halves"] = cosine
+                _check_reduced_precision(name, figures, models[reference]["eer"], len(halves.files))
+        invariance = evaluation.batch_invariance(embed, targets, mates)
+        figures["batch_invariance"] = invariance
+        if target == "cpu" and invariance["max_abs_diff"] > evaluation.INVARIANCE_LIMIT:
+            raise ExportError(
+                f"{name}: an embedding changes by {invariance['max_abs_diff']:.3g} with its "
+                f"batch-mates (limit {evaluation.INVARIANCE_LIMIT:g})"
+            )
+    timed = {n: files[n] for n in CPU_TIMED[target] if n in embeds}
+    if timed:
+        speeds = compare(timed, THROUGHPUT_BATCHES, rounds=throughput_rounds)
+        for name, figures in speeds.items():
+            if name != reference:
+                ratio = speedup(speeds, name, reference, THROUGHPUT_BATCHES[-1])
+                figures[f"speedup_vs_fp32_at_{THROUGHPUT_BATCHES[-1]}"] = ratio
+                if ratio < MIN_INT8_SPEEDUP:
+                    warnings.append(
+                        f"{name}: {ratio:.2f}x fp32's partials/s at batch "
+                        f"{THROUGHPUT_BATCHES[-1]}, below {MIN_INT8_SPEEDUP}x (shared or busy "
+                        "machine? see the spread; `python -m benchmarks.quantization`)"
+                    )
+            models[name]["throughput"] = figures
+    return {"table": [_summary_row(n, files[n], models[n]) for n in models]}
+
+
+def _check_reduced_precision(
+    name: str, figures: dict[str, Any], reference_eer: dict[str, Any], recordings: int
+) -> None:
+    halves = figures["vs_fp32"]["trial_halves"]
+    if halves["cosine_min"] < validation.MIN_UTTERANCE_COSINE:
+        raise ExportError(
+            f"{name}: cosine to fp32 is {halves['cosine_min']:.5f} for {halves['worst']}, "
+            f"below {validation.MIN_UTTERANCE_COSINE}"
+        )
+    delta = round(figures["eer"]["eer_percent"] - reference_eer["eer_percent"], 3)
+    enforced = recordings >= evaluation.EER_MIN_RECORDINGS
+    figures["eer"]["delta_vs_fp32_points"] = delta
+    figures["eer"]["delta_limit_points"] = evaluation.EER_MAX_DELTA_POINTS
+    figures["eer"]["delta_enforced"] = enforced
+    if enforced and abs(delta) > evaluation.EER_MAX_DELTA_POINTS:
+        raise ExportError(
+            f"{name}: dev EER {figures['eer']['eer_percent']} % is {delta:+.3f} points from "
+            f"fp32's {reference_eer['eer_percent']} % (limit {evaluation.EER_MAX_DELTA_POINTS})"
+        )
+
+
+def _summary_row(name: str, path: Path, figures: dict[str, Any]) -> dict[str, Any]:
+    vs = figures.get("vs_fp32")
+    vs = vs if isinstance(vs, dict) else {}
+    cosines = [v for v in vs.values() if isinstance(v, dict)]
+    speeds = figures.get("throughput", {}).get("by_batch", {})
+    row: dict[str, Any] = {
+        "model": name,
+        "precision": figures["precision"],
+        "onnx_mb": round(path.stat().st_size / 1e6, 2),
+        "cosine_to_fp32_min": min((c["cosine_min"] for c in cosines), default=None),
+        "cosine_to_fp32_mean": (vs.get("trial_halves") or vs["per_utterance"])["cosine_mean"]
+        if cosines
+        else None,
+        "eer_percent": figures.get("eer", {}).get("eer_percent"),
+        "partials_per_s": {b: v["partials_per_cpu_s"] for b, v in speeds.items()} or None,
+        "batch_invariance_max_abs_diff": figures.get("batch_invariance", {}).get("max_abs_diff"),
+    }
+    if name == "ge2e_fp32":
+        row["cosine_to_fp32_min"] = row["cosine_to_fp32_mean"] = 1.0
+    return row
 
 
 def print_summary(report: dict[str, Any]) -> None:
@@ -172,16 +381,49 @@ def print_summary(report: dict[str, Any]) -> None:
         f"  fp32 ONNX vs torch: max abs diff {report['fp32_vs_torch']['max_abs_diff']:.2g} "
         f"(limit {report['fp32_vs_torch']['limit']:g})",
     ]
+    if report.get("calibration"):
+        cal = report["calibration"]
+        lines.append(
+            f"  int8 calibration: {cal['partials']} partials of {cal['recordings']} recordings, "
+            f"seed {cal['seed']}, sha256 {cal['partials_sha256'][:16]}…"
+        )
+    batches = [str(b) for b in THROUGHPUT_BATCHES]
+    lines.append(
+        f"  {'model':14s} {'MB':>5s} {'cos min':>8s} {'cos mean':>8s} {'EER %':>6s} "
+        + " ".join(f"{'p/s@' + b:>7s}" for b in batches)
+        + f" {'batch dep.':>10s}"
+    )
+
+    def cell(value: Any, fmt: str, width: int) -> str:
+        return f"{value:{width}{fmt}}" if value is not None else f"{'-':>{width}s}"
+
+    for row in report["precision"]["table"]:
+        speeds = row["partials_per_s"] or {}
+        lines.append(
+            f"  {row['model']:14s} {row['onnx_mb']:5.2f} "
+            f"{cell(row['cosine_to_fp32_min'], '.5f', 8)} "
+            f"{cell(row['cosine_to_fp32_mean'], '.5f', 8)} "
+            f"{cell(row['eer_percent'], '.2f', 6)} "
+            + " ".join(cell(speeds.get(b), ".0f", 7) for b in batches)
+            + f" {cell(row['batch_invariance_max_abs_diff'], '.2g', 10)}"
+        )
     for name, info in report["models"].items():
-        line = f"  {name}: {info['onnx_bytes'] / 1e6:.2f} MB, {info['precision']}"
-        cosine = info.get("vs_fp32", {}).get("per_utterance")
-        if cosine:
-            batched = info["vs_fp32"]["mixed_batches"]
-            line += (
-                f"; cosine to fp32 min {cosine['cosine_min']:.5f} mean {cosine['cosine_mean']:.5f}"
-                f" (mixed batches of {SERVED_BATCH}: min {batched['cosine_min']:.5f})"
+        lines.append(f"  {name}: {info['precision']}")
+        ratio = info.get("throughput", {}).get(f"speedup_vs_fp32_at_{THROUGHPUT_BATCHES[-1]}")
+        if ratio:
+            lines.append(f"    {ratio:.2f}x fp32's partials/s at batch {THROUGHPUT_BATCHES[-1]}")
+        eer = info.get("eer", {})
+        if "delta_vs_fp32_points" in eer:
+            lines.append(
+                f"    dev EER {eer['eer_percent']:.2f} % "
+                f"({eer['delta_vs_fp32_points']:+.2f} points vs fp32; "
+                f"{eer['same_speaker_trials']} same-speaker, "
+                f"{eer['different_speaker_trials']} different-speaker trials)"
             )
-        lines.append(line)
+    lines.append(
+        "  (p/s: partials per CPU-second, one ONNX Runtime thread; batch dep.: max abs change "
+        "of an embedding between alone and batched with other partials)"
+    )
     lines += [f"  WARNING: {w}" for w in report["warnings"]]
     print("\n".join(lines))
 
@@ -255,14 +497,3 @@ def _data_report(dev: DevSet | None) -> dict[str, Any]:
 
 def _batches(array: np.ndarray, size: int) -> list[np.ndarray]:
     return [array[i : i + size] for i in range(0, len(array), size)]
-
-
-@contextlib.contextmanager
-def _quiet_root_logger() -> Iterator[None]:
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)

@@ -13,7 +13,8 @@ if TYPE_CHECKING:
 
 def lstm_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """LSTM nodes (plain or quantized) ordered by how many LSTMs lie upstream of them."""
-    producer = {out: node for node in model.graph.node for out in node.output}
+    # "" names an omitted optional input or output, never a tensor
+    producer = {out: node for node in model.graph.node for out in node.output if out}
     depth: dict[str, int] = {}
 
     def upstream_lstms(node: onnx.NodeProto) -> int:

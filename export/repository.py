@@ -13,8 +13,12 @@ from export import triton_config
 from server.errors import ExportError
 
 # cpu: the Triton bundled in nvidia-pytriton (Python backend only), int8 is the served default.
-# gpu: the NGC Triton container's ONNX Runtime backend; dynamic int8 has no CUDA kernels there.
-TARGET_MODELS = {"cpu": ("ge2e_int8", "ge2e_fp32"), "gpu": ("ge2e_fp32", "ge2e_fp16")}
+# gpu: the NGC Triton container's ONNX Runtime backend; dynamic int8 has no CUDA kernels there,
+# so fp16 on the CUDA provider, and the fp32 ONNX through the TensorRT provider in FP16.
+TARGET_MODELS = {
+    "cpu": ("ge2e_int8", "ge2e_fp32"),
+    "gpu": ("ge2e_fp32", "ge2e_fp16", "ge2e_trt_fp16"),
+}
 DEFAULT_REPOSITORY = {"cpu": Path("model_repository"), "gpu": Path("build/model_repository_gpu")}
 MODEL_PY_SOURCE = Path(__file__).with_name("triton_python_model.py")
 VERSION = "1"

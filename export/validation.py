@@ -14,7 +14,7 @@ from server.features import average_embedding
 Embed = Callable[[np.ndarray], np.ndarray]  # partials [B, 160, 40] -> embeddings [B, 256]
 
 FP32_MAX_ABS_DIFF = 1e-4
-MIN_UTTERANCE_COSINE = 0.998
+MIN_UTTERANCE_COSINE = 0.999
 
 
 def random_partials(n: int, seed: int = 0) -> np.ndarray:

@@ -21,7 +21,11 @@ from server.config import Settings
 from server.core import SpeakerCore
 from server.fusion import Calibration
 from server.grpc_errors import ErrorMappingInterceptor
+from server.grpc_telemetry import TelemetryInterceptor
+from server.metrics import Metrics
 from server.servicer import SpeakerServicer
+from server.speakers import SpeakerDirectory
+from server.telemetry import Telemetry, Tracing
 from server.triton_client import TritonEncoder
 from server.triton_process import EmbeddedTriton
 
@@ -29,27 +33,38 @@ log = logging.getLogger(__name__)
 
 SPEAKER_SERVICE = speaker_pb2.DESCRIPTOR.services_by_name["SpeakerService"].full_name
 SERVICE_NAMES = (SPEAKER_SERVICE,)
+# Liveness, for orchestrators: SERVING from start to shutdown whatever Triton's state, so a
+# Triton outage takes replicas out of rotation (readiness) without restarting them.
+LIVENESS_SERVICE = "voicegate.liveness"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def create_server(
-    settings: Settings, core: SpeakerCore, health_servicer: health.aio.HealthServicer
+    settings: Settings,
+    core: SpeakerCore,
+    health_servicer: health.aio.HealthServicer,
+    telemetry: Telemetry | None = None,
+    directory: SpeakerDirectory | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """The gRPC server with every service registered, bound to settings.host:port.
 
     Returns the server (not started) and the bound port, which differs from settings.port
-    when that is 0.
+    when that is 0. With `telemetry`, every call gets a server span and RPC metrics (the
+    telemetry interceptor comes first so it sees the status code the error mapping settles on).
     """
+    interceptors: list[grpc.aio.ServerInterceptor] = [ErrorMappingInterceptor()]
+    if telemetry is not None:
+        interceptors.insert(0, TelemetryInterceptor(telemetry))
     server = grpc.aio.server(
-        interceptors=[ErrorMappingInterceptor()],
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ],
     )
-    speaker_pb2_grpc.add_SpeakerServiceServicer_to_server(SpeakerServicer(core), server)
+    speaker_pb2_grpc.add_SpeakerServiceServicer_to_server(SpeakerServicer(core, directory), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -61,17 +76,26 @@ def create_server(
 
 
 class VoicegateApp:
-    """The whole service. Use `async with VoicegateApp(settings) as app:`."""
+    """The whole service. Use `async with VoicegateApp(settings) as app:`.
 
-    def __init__(self, settings: Settings) -> None:
+    `tracing` (tests) replaces the tracing built from the `OTEL_*` environment; the app then
+    leaves its shutdown to the caller. Metrics live in a registry of the app's own.
+    """
+
+    def __init__(self, settings: Settings, tracing: Tracing | None = None) -> None:
         self.settings = settings
         self.port = 0
+        self.metrics = Metrics()
+        self.metrics_port: int | None = None
+        self.tracing = tracing
+        self._owns_tracing = tracing is None
         self.health = health.aio.HealthServicer()
         self.triton: EmbeddedTriton | None = None
         self._executor = ThreadPoolExecutor(
             settings.preprocess_workers, thread_name_prefix="preprocess"
         )
         self._encoder: TritonEncoder | None = None
+        self.speakers: SpeakerDirectory | None = None
         self._server: grpc.aio.Server | None = None
         self._monitor: asyncio.Task[None] | None = None
 
@@ -97,14 +121,28 @@ class VoicegateApp:
         """Serve health at once (NOT_SERVING), then bring up Triton and turn SERVING."""
         settings = self.settings
         await self._set_health(NOT_SERVING)
+        await self.health.set(LIVENESS_SERVICE, SERVING)
+        tracing = self.tracing = self.tracing or Tracing.from_environment()
+        telemetry = Telemetry(tracing, self.metrics)
+        if settings.metrics_port:
+            self._serve_metrics()
         if settings.embedded_triton:
-            self.triton = EmbeddedTriton(settings, models=list(settings.encoder_models))
+            self.triton = EmbeddedTriton(
+                settings,
+                models=list(settings.encoder_models),
+                extra_args=tracing.triton_trace_args(settings.triton_trace_rate),
+            )
         calibration = Calibration.load(settings.calibration_file)
         self._encoder = TritonEncoder(
-            settings.triton_url or "127.0.0.1:1", timeout_s=settings.triton_timeout_s
+            settings.triton_url or "127.0.0.1:1",
+            timeout_s=settings.triton_timeout_s,
+            telemetry=telemetry,
         )
-        core = SpeakerCore(settings, self._encoder, calibration, self._executor)
-        self._server, self.port = create_server(settings, core, self.health)
+        core = SpeakerCore(settings, self._encoder, calibration, self._executor, telemetry)
+        self.speakers = await SpeakerDirectory.open(settings, core, self._encoder.model_version)
+        self._server, self.port = create_server(
+            settings, core, self.health, telemetry, self.speakers
+        )
         await self._server.start()
         if self.triton is not None:
             await self.triton.start()
@@ -116,17 +154,39 @@ class VoicegateApp:
         else:
             await self._set_health(SERVING)
         log.info(
-            "voicegate ready: gRPC on port %d, Triton at %s (%s), encoders %s",
+            "voicegate ready: gRPC on port %d, metrics %s, Triton at %s (%s), encoders %s, "
+            "traces %s",
             self.port,
+            f"on port {self.metrics_port} (/metrics)" if self.metrics_port else "off",
             self.triton_url,
-            "embedded" if self.triton else "external",
+            f"embedded, its metrics at http://127.0.0.1:{self.triton.metrics_port}/metrics"
+            if self.triton
+            else "external",
             ", ".join(settings.encoder_models),
+            f"to {tracing.traces_endpoint}" if tracing.exporting else "not exported",
         )
+
+    def _serve_metrics(self) -> None:
+        """Prometheus /metrics on host:metrics_port. A port taken is a warning, not a failure:
+        inference should not stop for want of a metrics endpoint (the scrape target shows down).
+        """
+        host = self.settings.host
+        try:
+            self.metrics_port = self.metrics.serve(host, self.settings.metrics_port)
+        except OSError as exc:
+            log.warning(
+                "metrics not served: cannot bind %s:%d (%s); set metrics_port "
+                "(VOICEGATE_METRICS_PORT) to a free port, or 0 to turn them off",
+                host,
+                self.settings.metrics_port,
+                exc,
+            )
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING first, let in-flight calls finish within `grace`, then stop Triton."""
         grace = self.settings.grace_seconds if grace is None else grace
         await self._set_health(NOT_SERVING)
+        await self.health.set(LIVENESS_SERVICE, NOT_SERVING)
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -135,12 +195,20 @@ class VoicegateApp:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+        if self.speakers is not None:
+            await self.speakers.close()
+            self.speakers = None
         if self._encoder is not None:
             await self._encoder.close()
             self._encoder = None
         if self.triton is not None:
             await self.triton.stop()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self.metrics.close()
+        self.metrics_port = None
+        if self._owns_tracing and self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)  # flushes spans still queued
+            self.tracing = None
 
     async def _watch_backend(self) -> None:
         assert self._encoder is not None

@@ -599,6 +599,7 @@ def calibrate(
         "held_out_eer_percent_by_degradation": _by_kind(held, labels, trial_kind),
         "operating_point": {
             "rule": rule,
+            "target_far": target_far if target_far is not None else 0.0,
             "threshold": round(threshold, 6),
             "held_out_far_percent": _pct(far),
             "held_out_frr_percent": _pct(frr),
@@ -710,8 +711,13 @@ def _sha256(path: Path) -> str:
 # ---------------------------------------------------------------- command
 
 
-def main(data_dir: Path, model_path: Path, output: Path, seed: int = 0) -> int:
-    """`voicegate calibrate`: calibrate, write `output`, print the figures; exit status."""
+def main(
+    data_dir: Path, model_path: Path, output: Path, seed: int = 0, target_far: float | None = None
+) -> int:
+    """`voicegate calibrate`: calibrate, write `output`, print the figures; exit status.
+
+    `target_far`: the threshold meets this false-accept rate (None: the equal-error point).
+    """
     import json
     import sys
 
@@ -719,7 +725,9 @@ def main(data_dir: Path, model_path: Path, output: Path, seed: int = 0) -> int:
         print(f"calibrate: {message}", file=sys.stderr, flush=True)
 
     try:
-        calibration = calibrate(Path(data_dir), Path(model_path), seed=seed, progress=progress)
+        calibration = calibrate(
+            Path(data_dir), Path(model_path), seed=seed, target_far=target_far, progress=progress
+        )
         calibration.save(Path(output))
     except VoicegateError as exc:
         print(f"calibrate: error: {exc.message}", file=sys.stderr)

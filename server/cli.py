@@ -39,8 +39,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-repository", type=Path, help="Triton model repository")
     serve.add_argument("--encoder-model", help="default encoder model (ge2e_int8)")
     serve.add_argument("--calibration-file", type=Path, help="fusion calibration JSON")
+    serve.add_argument(
+        "--store-url",
+        help="speaker store: sqlite:///PATH or postgresql://... (env VOICEGATE_STORE_URL; "
+        "default sqlite:///<state dir>/speakers.db)",
+    )
     serve.add_argument("--grace-seconds", type=float, help="drain time on SIGTERM")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    serve.add_argument(
+        "--log-format", choices=("text", "json"), help="log lines as text (default) or JSON"
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        help="Prometheus /metrics port (env VOICEGATE_METRICS_PORT, default 9464; 0: off). "
+        "Traces: the standard OTEL_* variables, e.g. OTEL_EXPORTER_OTLP_ENDPOINT",
+    )
 
     export = commands.add_parser("export", help="export the models into a Triton repository")
     export.add_argument("--target", choices=("cpu", "gpu"), default="cpu")
@@ -59,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     calibrate.add_argument("--output", type=Path, default=Path("server/calibration.json"))
     calibrate.add_argument("--seed", type=int, default=0)
+    calibrate.add_argument(
+        "--target-far",
+        type=float,
+        default=0.01,
+        help="false-accept rate the decision threshold is chosen for on held-out development "
+        "trials (default 0.01); 0 chooses the equal-error point instead",
+    )
 
     embed = commands.add_parser("embed", help="embed an audio file with a running server")
     embed.add_argument("file", type=Path)
@@ -69,6 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("file_a", type=Path)
     verify.add_argument("file_b", type=Path)
     verify.add_argument("--server", default=DEFAULT_SERVER, help="HOST:PORT of voicegate")
+
+    health = commands.add_parser(
+        "health",
+        help="ask a running server's gRPC health service; exit 0 when SERVING (container probe)",
+    )
+    health.add_argument("--server", default=DEFAULT_SERVER, help="HOST:PORT of voicegate")
+    health.add_argument(
+        "--service",
+        default="",
+        help="service to check: '' (default) for the whole server, or voicegate.v1.SpeakerService",
+    )
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the reply")
     return parser
 
 
@@ -102,11 +135,14 @@ def _serve(args: argparse.Namespace) -> int:
             "model_repository": args.model_repository,
             "encoder_model": args.encoder_model,
             "calibration_file": args.calibration_file,
+            "store_url": args.store_url,
             "grace_seconds": args.grace_seconds,
             "log_level": args.log_level,
+            "log_format": args.log_format,
+            "metrics_port": args.metrics_port,
         }
     )
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     asyncio.run(serve(settings))
     return 0
 
@@ -133,7 +169,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     settings = Settings.load({"data_dir": args.data_dir})
     if settings.data_dir is None:
         raise ConfigError("calibrate needs dev speech: pass --data-dir or set VOICEGATE_DATA_DIR")
-    return calibrate_main(settings.data_dir, args.model, args.output, args.seed)
+    target_far = args.target_far or None  # 0: the equal-error point
+    return calibrate_main(settings.data_dir, args.model, args.output, args.seed, target_far)
 
 
 def _embed(args: argparse.Namespace) -> int:
@@ -162,12 +199,30 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    request = health_pb2.HealthCheckRequest(service=args.service)
+    with grpc.insecure_channel(args.server) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
+            print(f"voicegate health: {args.server}: {code}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 _COMMANDS = {
     "serve": _serve,
     "export": _export,
     "calibrate": _calibrate,
     "embed": _embed,
     "verify": _verify,
+    "health": _health,
 }
 
 if __name__ == "__main__":

@@ -29,6 +29,11 @@ class Settings:
     max_message_bytes: int = 32 * 1024 * 1024
     log_level: str = "INFO"
 
+    # Observability (tracing itself is configured by the standard OTEL_* variables)
+    metrics_port: int = 9464  # Prometheus /metrics on `host`; 0: not served
+    log_format: str = "text"  # text | json (trace and span ids on lines inside a request)
+    triton_trace_rate: int | None = None  # embedded Triton's trace rate; None: automatic
+
     # Triton: embedded (default) or external at HOST:PORT (its gRPC endpoint)
     triton_url: str | None = None
     model_repository: Path = Path("model_repository")
@@ -45,11 +50,28 @@ class Settings:
     max_audio_seconds: float = 600.0
     calibration_file: Path | None = None
 
+    # Speaker store (enrolled voiceprints): sqlite:///PATH (relative, or sqlite:////ABSOLUTE)
+    # or postgresql://... for several replicas; None: sqlite:///<state_dir>/speakers.db
+    store_url: str | None = None
+    store_pool_size: int = 4
+
     # Development speech (LibriSpeech) for export checks, calibration and benchmarks
     data_dir: Path | None = None
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "port", "must be 0..65535")
+        _require(0 <= self.metrics_port <= 65535, "metrics_port", "must be 0..65535 (0: off)")
+        _require(
+            self.metrics_port == 0 or self.metrics_port != self.port,
+            "metrics_port",
+            "must differ from port",
+        )
+        _require(self.log_format in {"text", "json"}, "log_format", "must be text or json")
+        _require(
+            self.triton_trace_rate is None or self.triton_trace_rate >= 0,
+            "triton_trace_rate",
+            "must be >= 0 (0: only requests we sampled, 1: every request)",
+        )
         _require(self.grace_seconds >= 0, "grace_seconds", "must be >= 0")
         _require(self.max_message_bytes >= 1024, "max_message_bytes", "must be >= 1024")
         _require(self.triton_timeout_s > 0, "triton_timeout_s", "must be > 0")
@@ -72,9 +94,21 @@ class Settings:
             "log_level",
             "must be DEBUG, INFO, WARNING or ERROR",
         )
+        _require(self.store_pool_size >= 1, "store_pool_size", "must be >= 1")
+        if self.store_url is not None:
+            _require(
+                self.store_url.startswith(("sqlite:///", "postgresql://", "postgres://")),
+                "store_url",
+                "must start with sqlite:/// or postgresql://",
+            )
         if self.triton_url is not None:
             host, _, port = self.triton_url.rpartition(":")
             _require(bool(host) and port.isdigit(), "triton_url", "must be HOST:PORT")
+
+    @property
+    def speaker_store_url(self) -> str:
+        """`store_url`, or the default SQLite file under `state_dir`."""
+        return self.store_url or f"sqlite:///{self.state_dir / 'speakers.db'}"
 
     @property
     def embedded_triton(self) -> bool:

@@ -7,6 +7,7 @@ runs behind Triton, which batches the partial windows of concurrent requests tog
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
@@ -15,12 +16,23 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
-from server.audio import RawAudioSpec, decode_content, decode_raw
+from server.audio import SAMPLE_RATE, RawAudioSpec, decode_content, decode_raw, normalize_volume
 from server.config import Settings
-from server.errors import DeadlineExceeded, InvalidArgument
-from server.features import Utterance, average_embedding, prepare_utterance
+from server.errors import DeadlineExceeded, InvalidArgument, NotEnoughSpeech
+from server.features import Utterance, average_embedding, partial_windows, trim_silence
 from server.fusion import Calibration
 from server.mfcc import mfcc_score, mfcc_statistics
+from server.telemetry import (
+    ATTR_AUDIO_BYTES,
+    ATTR_AUDIO_FIELD,
+    ATTR_AUDIO_SECONDS,
+    ATTR_AUDIO_SOURCE,
+    ATTR_MODEL,
+    ATTR_PARTIAL_COUNT,
+    ATTR_SPEECH_SECONDS,
+    DISABLED,
+    Telemetry,
+)
 
 AudioInput = bytes | RawAudioSpec
 T = TypeVar("T")
@@ -61,7 +73,12 @@ class _Prepared:
 
 
 class SpeakerCore:
-    """Embeds and verifies utterances; every error it raises is a `VoicegateError`."""
+    """Embeds and verifies utterances; every error it raises is a `VoicegateError`.
+
+    Each step is a child span of the current one (the RPC's) and a `voicegate_stage_seconds`
+    observation: decode, trim, features, mfcc, triton (metrics only: the Triton client makes
+    one span per request), fusion.
+    """
 
     def __init__(
         self,
@@ -69,11 +86,13 @@ class SpeakerCore:
         encoder: Encoder,
         calibration: Calibration,
         executor: Executor,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._settings = settings
         self._encoder = encoder
         self._calibration = calibration
         self._executor = executor
+        self._telemetry = telemetry or DISABLED
 
     @property
     def calibration(self) -> Calibration:
@@ -86,7 +105,15 @@ class SpeakerCore:
         deadline = _deadline(timeout_s)
         model = self._check_model(model)
         prepared = await self._prepare(audio, "audio", with_mfcc=False, deadline=deadline)
-        return await self._embed_prepared(prepared, model, deadline)
+        result = await self._embed_prepared(prepared, model, deadline)
+        self._telemetry.annotate(
+            {
+                ATTR_MODEL: model,
+                ATTR_SPEECH_SECONDS: result.speech_seconds,
+                ATTR_PARTIAL_COUNT: result.partial_count,
+            }
+        )
+        return result
 
     async def verify(
         self, reference: AudioInput, probe: AudioInput, timeout_s: float | None = None
@@ -103,15 +130,37 @@ class SpeakerCore:
             self._embed_prepared(prb, model, deadline),
         )
         assert ref.mfcc is not None and prb.mfcc is not None
-        ge2e = float(np.dot(ref_emb.embedding, prb_emb.embedding))
-        mfcc = mfcc_score(ref.mfcc, prb.mfcc, self._calibration.mfcc_normalization)
-        fused = self._calibration.fuse(ge2e, mfcc)
+        self._telemetry.annotate(
+            {
+                ATTR_MODEL: model,
+                ATTR_SPEECH_SECONDS: ref_emb.speech_seconds + prb_emb.speech_seconds,
+                ATTR_PARTIAL_COUNT: ref_emb.partial_count + prb_emb.partial_count,
+            }
+        )
+        with self._telemetry.stage("fusion"):  # scores stay out of spans: biometric results
+            ge2e = float(np.dot(ref_emb.embedding, prb_emb.embedding))
+            mfcc = mfcc_score(ref.mfcc, prb.mfcc, self._calibration.mfcc_normalization)
+            fused = self._calibration.fuse(ge2e, mfcc)
+            same = self._calibration.decide(fused)
         return VerifyResult(
             score=fused,
-            same_speaker=self._calibration.decide(fused),
+            same_speaker=same,
             threshold=self._calibration.threshold,
             scores={"ge2e": ge2e, "mfcc": mfcc},
         )
+
+    async def embed_with_mfcc(
+        self, audio: AudioInput, field: str, timeout_s: float | None = None
+    ) -> tuple[EmbedResult, np.ndarray]:
+        """The embedding (server's default encoder) and MFCC statistics of one utterance.
+
+        For enrollment and the speaker directory; `field` names the audio in errors.
+        """
+        deadline = _deadline(timeout_s)
+        prepared = await self._prepare(audio, field, with_mfcc=True, deadline=deadline)
+        result = await self._embed_prepared(prepared, self._settings.encoder_model, deadline)
+        assert prepared.mfcc is not None
+        return result, prepared.mfcc
 
     async def warm_up(self) -> None:
         """Run the preprocessing once so JIT compilation does not land on a caller."""
@@ -132,17 +181,30 @@ class SpeakerCore:
         self, audio: AudioInput, field: str, with_mfcc: bool, deadline: float | None
     ) -> _Prepared:
         settings = self._settings
+        telemetry = self._telemetry
         if isinstance(audio, RawAudioSpec):
             decode: Callable[[], np.ndarray] = lambda: decode_raw(  # noqa: E731
                 audio, settings.max_audio_seconds, f"{field}.raw"
             )
+            source, size = "raw", len(audio.samples)
         else:
             decode = lambda: decode_content(  # noqa: E731
                 audio, settings.max_audio_seconds, f"{field}.content"
             )
+            source, size = "content", len(audio)
 
         def work() -> _Prepared:
-            return _prepare_wave(decode(), settings.min_speech_seconds, with_mfcc)
+            attributes: dict[str, str | int] = {
+                ATTR_AUDIO_FIELD: field,
+                ATTR_AUDIO_SOURCE: source,
+                ATTR_AUDIO_BYTES: size,
+            }
+            with telemetry.stage("decode", attributes) as span:
+                wav = decode()
+                seconds = len(wav) / SAMPLE_RATE
+                span.set_attribute(ATTR_AUDIO_SECONDS, seconds)
+            telemetry.count_audio("decoded", seconds)
+            return _prepare_wave(wav, settings.min_speech_seconds, with_mfcc, telemetry, field)
 
         return await self._run(work, deadline)
 
@@ -150,9 +212,10 @@ class SpeakerCore:
         self, prepared: _Prepared, model: str, deadline: float | None
     ) -> EmbedResult:
         partials = prepared.utterance.partials
-        embeddings = await self._encoder.embed_partials(
-            partials, model, timeout_s=_remaining(deadline)
-        )
+        with self._telemetry.timed("triton"):
+            embeddings = await self._encoder.embed_partials(
+                partials, model, timeout_s=_remaining(deadline)
+            )
         return EmbedResult(
             embedding=average_embedding(embeddings),
             model=model,
@@ -162,17 +225,42 @@ class SpeakerCore:
 
     async def _run(self, work: Callable[[], T], deadline: float | None) -> T:
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, work)
+        # The worker runs in the caller's context: its spans are children of the RPC's span.
+        context = contextvars.copy_context()
+        future = loop.run_in_executor(self._executor, context.run, work)
         try:
             return await asyncio.wait_for(future, timeout=_remaining(deadline))
         except TimeoutError:
             raise DeadlineExceeded("deadline passed during audio preprocessing") from None
 
 
-def _prepare_wave(wav: np.ndarray, min_speech_seconds: float, with_mfcc: bool) -> _Prepared:
-    utterance = prepare_utterance(wav, min_speech_seconds)
-    mfcc = mfcc_statistics(utterance.speech) if with_mfcc else None
-    return _Prepared(utterance=utterance, mfcc=mfcc)
+def _prepare_wave(
+    wav: np.ndarray,
+    min_speech_seconds: float,
+    with_mfcc: bool,
+    telemetry: Telemetry = DISABLED,
+    field: str = "audio",
+) -> _Prepared:
+    """`features.prepare_utterance`, step by step so that each step gets its span."""
+    attributes = {ATTR_AUDIO_FIELD: field}
+    with telemetry.stage("trim", attributes) as span:
+        speech = trim_silence(normalize_volume(wav))
+        seconds = len(speech) / SAMPLE_RATE
+        span.set_attribute(ATTR_SPEECH_SECONDS, seconds)
+        if seconds < min_speech_seconds:
+            raise NotEnoughSpeech(
+                f"audio has {seconds:.2f} s of speech after silence trimming; "
+                f"at least {min_speech_seconds:.2f} s is needed"
+            )
+    telemetry.count_audio("speech", seconds)
+    with telemetry.stage("features", attributes) as span:
+        partials = partial_windows(speech)
+        span.set_attribute(ATTR_PARTIAL_COUNT, len(partials))
+    mfcc = None
+    if with_mfcc:
+        with telemetry.stage("mfcc", attributes):
+            mfcc = mfcc_statistics(speech)
+    return _Prepared(utterance=Utterance(speech=speech, partials=partials), mfcc=mfcc)
 
 
 def _deadline(timeout_s: float | None) -> float | None:

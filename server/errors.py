@@ -16,6 +16,7 @@ class StatusCode(Enum):
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
     OUT_OF_RANGE = "OUT_OF_RANGE"
     NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
     FAILED_PRECONDITION = "FAILED_PRECONDITION"
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     UNAVAILABLE = "UNAVAILABLE"
@@ -47,6 +48,30 @@ class InvalidAudio(InvalidArgument):
 
 class NotEnoughSpeech(InvalidArgument):
     """Too little speech is left after silence trimming to compute an embedding."""
+
+
+class NotFound(VoicegateError):
+    """The named resource (for example an enrolled speaker) does not exist."""
+
+    status = StatusCode.NOT_FOUND
+
+
+class AlreadyExists(VoicegateError):
+    """The resource a create-only request names exists already."""
+
+    status = StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(VoicegateError):
+    """The system is not in a state the request needs (for example a stale voiceprint)."""
+
+    status = StatusCode.FAILED_PRECONDITION
+
+
+class StoreUnavailable(VoicegateError):
+    """The speaker store (SQLite file or PostgreSQL server) cannot be reached or used."""
+
+    status = StatusCode.UNAVAILABLE
 
 
 class BackendUnavailable(VoicegateError):

@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 
 from server.errors import StatusCode, VoicegateError
+from server.telemetry import record_error
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ def grpc_status(error: VoicegateError) -> grpc.StatusCode:
 
 async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
     """Abort the call with the status `exc` maps to (re-raises grpc's own abort)."""
+    record_error(exc)  # on the RPC's server span (a no-op without tracing)
     if isinstance(exc, VoicegateError):
         log.info("%s failed: %s %s", method, exc.status.value, exc.message)
         await context.abort(grpc_status(exc), exc.message)

@@ -8,6 +8,8 @@ from server.api.voicegate.v1 import audio_pb2, speaker_pb2, speaker_pb2_grpc
 from server.audio import RawAudioSpec, SampleFormat
 from server.core import AudioInput, SpeakerCore
 from server.errors import InvalidArgument
+from server.speaker_rpcs import SpeakerDirectoryRpcs, operating_point_proto
+from server.speakers import OperatingPoint, SpeakerDirectory
 
 _SAMPLE_FORMATS = {
     audio_pb2.SAMPLE_FORMAT_LINEAR16: SampleFormat.LINEAR16,
@@ -31,11 +33,16 @@ def audio_from_proto(audio: audio_pb2.Audio, field: str) -> AudioInput:
     raise InvalidArgument(f"{field} is required: set {field}.content or {field}.raw")
 
 
-class SpeakerServicer(speaker_pb2_grpc.SpeakerServiceServicer):
-    """`voicegate.v1.SpeakerService` over a `SpeakerCore`."""
+class SpeakerServicer(SpeakerDirectoryRpcs, speaker_pb2_grpc.SpeakerServiceServicer):
+    """`voicegate.v1.SpeakerService` over a `SpeakerCore` (and a `SpeakerDirectory` for the
+    enrolled-speaker RPCs, server/speaker_rpcs.py)."""
 
-    def __init__(self, core: SpeakerCore) -> None:
+    def __init__(self, core: SpeakerCore, directory: SpeakerDirectory | None = None) -> None:
         self._core = core
+        self._directory = directory
+        self._operating_point = operating_point_proto(
+            OperatingPoint.from_calibration(core.calibration)
+        )
 
     async def Embed(
         self, request: speaker_pb2.EmbedRequest, context: grpc.aio.ServicerContext
@@ -54,9 +61,15 @@ class SpeakerServicer(speaker_pb2_grpc.SpeakerServiceServicer):
     async def Verify(
         self, request: speaker_pb2.VerifyRequest, context: grpc.aio.ServicerContext
     ) -> speaker_pb2.VerifyResponse:
-        reference = audio_from_proto(request.reference, "reference")
-        probe = audio_from_proto(request.probe, "probe")
-        result = await self._core.verify(reference, probe, timeout_s=context.time_remaining())
+        if request.WhichOneof("reference_source") == "speaker_id":
+            probe = audio_from_proto(request.probe, "probe")
+            result = await self.verify_enrolled(
+                request.speaker_id, probe, timeout_s=context.time_remaining()
+            )
+        else:
+            reference = audio_from_proto(request.reference, "reference")
+            probe = audio_from_proto(request.probe, "probe")
+            result = await self._core.verify(reference, probe, timeout_s=context.time_remaining())
         return speaker_pb2.VerifyResponse(
             score=result.score,
             same_speaker=result.same_speaker,
@@ -65,4 +78,5 @@ class SpeakerServicer(speaker_pb2_grpc.SpeakerServiceServicer):
                 speaker_pb2.ModelScore(model=name, score=value)
                 for name, value in result.scores.items()
             ],
+            operating_point=self._operating_point,
         )

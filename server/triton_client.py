@@ -19,6 +19,7 @@ import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from server.errors import BackendUnavailable, DeadlineExceeded
+from server.telemetry import DISABLED, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +76,22 @@ def map_triton_error(exc: InferenceServerException, model: str | None = None) ->
 
 
 class TritonClient:
-    """A generic inference client for Triton's gRPC endpoint at `url` (HOST:PORT)."""
+    """A generic inference client for Triton's gRPC endpoint at `url` (HOST:PORT).
 
-    def __init__(self, url: str, *, timeout_s: float = 30.0, probe_timeout_s: float = 2.0) -> None:
+    Each inference request is a CLIENT span (`inference.GRPCInferenceService/ModelInfer`) whose
+    context goes to Triton as `traceparent` metadata, so Triton's own spans join the trace.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = 30.0,
+        probe_timeout_s: float = 2.0,
+        telemetry: Telemetry | None = None,
+    ) -> None:
         self._url = url
+        self._telemetry = telemetry or DISABLED
         self._timeout_s = timeout_s
         self._probe_timeout_s = probe_timeout_s
         self._client = self._connect(url)
@@ -166,6 +179,19 @@ class TritonClient:
             self._configs[model] = config
         return config
 
+    async def model_version(self, model: str, timeout_s: float | None = None) -> str:
+        """The newest version of `model` Triton has loaded, from its model metadata."""
+        try:
+            metadata = await self._client.get_model_metadata(
+                model, client_timeout=self._timeout(timeout_s)
+            )
+        except InferenceServerException as exc:
+            raise self._mapped(exc, model) from exc
+        versions = [str(v) for v in metadata.versions]
+        if not versions:
+            return ""
+        return max(versions, key=lambda v: (len(v), v))  # numeric order of digit strings
+
     async def max_batch_size(self, model: str, timeout_s: float | None = None) -> int:
         """The model's `max_batch_size` (0: the model takes no batch dimension)."""
         return int((await self.model_config(model, timeout_s)).max_batch_size)
@@ -182,27 +208,33 @@ class TritonClient:
         """One inference request; returns each requested output as a numpy array.
 
         `timeout_s` (default: the client's) becomes the gRPC deadline; `headers` go out as gRPC
-        metadata (e.g. `traceparent`, so Triton's trace joins the caller's).
+        metadata, after the current trace context (`traceparent`, so Triton's trace joins ours).
         """
         timeout = self._timeout(timeout_s)
         infer_inputs = []
+        batch_size = None
         for name, array in inputs.items():
             array = np.ascontiguousarray(array)
             tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
             tensor.set_data_from_numpy(array)
             infer_inputs.append(tensor)
+            if batch_size is None and array.ndim:
+                batch_size = int(array.shape[0])
         requested = [grpcclient.InferRequestedOutput(name) for name in outputs]
-        try:
-            result = await self._client.infer(
-                model,
-                infer_inputs,
-                outputs=requested,
-                client_timeout=timeout,
-                # gRPC metadata keys must be lower case: an upper-case key fails the call.
-                headers={k.lower(): v for k, v in headers.items()} if headers else None,
-            )
-        except InferenceServerException as exc:
-            raise self._mapped(exc, model) from exc
+        with self._telemetry.triton_call(model, self._url, batch_size, headers) as call:
+            try:
+                result = await self._client.infer(
+                    model,
+                    infer_inputs,
+                    outputs=requested,
+                    client_timeout=timeout,
+                    # gRPC metadata keys must be lower case: an upper-case key fails the call.
+                    headers={k.lower(): v for k, v in call.headers.items()} or None,
+                )
+            except InferenceServerException as exc:
+                call.fail(_status(exc) or "UNKNOWN")
+                raise self._mapped(exc, model) from exc
+            call.model_version = str(result.get_response().model_version)
         arrays = {}
         for name in outputs:
             value = result.as_numpy(name)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -96,3 +96,18 @@ def speaker_stub(channel: grpc.aio.Channel) -> object:
     from server.api.voicegate.v1 import speaker_pb2_grpc
 
     return speaker_pb2_grpc.SpeakerServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A real PostgreSQL server for the session (tests/postgres.py); skips without binaries."""
+    from tests import postgres
+
+    bin_dir = postgres.find_bin_dir()
+    if bin_dir is None:
+        pytest.skip(
+            "PostgreSQL server binaries (initdb, pg_ctl) not found on PATH or in "
+            "/usr/lib/postgresql/*/bin; install the postgresql package (.ci/run does)"
+        )
+    with postgres.postgres_server(bin_dir) as server:
+        yield server.url

@@ -46,7 +46,7 @@ def tritonservers_under(state_dir: Path) -> list[int]:
 async def test_unreachable_triton_gives_unavailable_and_not_serving(
     base_settings: Settings, speech_files: list[Path]
 ) -> None:
-    from server.app import VoicegateApp
+    from server.app import LIVENESS_SERVICE, VoicegateApp
 
     settings = base_settings.replace(triton_url=f"127.0.0.1:{free_port()}")
     async with (
@@ -56,6 +56,8 @@ async def test_unreachable_triton_gives_unavailable_and_not_serving(
         health = health_pb2_grpc.HealthStub(channel)
         reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        alive = await health.Check(health_pb2.HealthCheckRequest(service=LIVENESS_SERVICE))
+        assert alive.status == health_pb2.HealthCheckResponse.SERVING
         stub = speaker_pb2_grpc.SpeakerServiceStub(channel)
         request = speaker_pb2.EmbedRequest(audio=speech.halves(speech_files[0])[0])
         with pytest.raises(grpc.aio.AioRpcError) as caught:

@@ -1,0 +1,310 @@
+"""What tracing costs: Embed throughput with tracing at 100 % sampling against tracing off.
+
+Two `voicegate serve` processes (each with its embedded Triton, model ge2e_int8 only) run side
+by side for the whole run:
+
+- `off`: `OTEL_SDK_DISABLED=true`: no spans, no trace context to Triton, Triton untraced.
+- `on`:  `OTEL_TRACES_SAMPLER=always_on` and `OTEL_EXPORTER_OTLP_ENDPOINT` at an OTLP/HTTP
+  receiver in this process: every request traced in the front server (protobuf export) and
+  in Triton (JSON export, started with the trace flags the server derives, rate=1).
+- `nosink` (optional, `--configs off,nosink,on`): the default without an endpoint, spans made
+  (trace ids in the logs) but exported nowhere.
+
+The receiver reads each export and answers 200 without parsing it (a collector's work is done
+elsewhere in production); it counts requests and bytes per content type, protobuf from the front
+server and JSON from Triton, so the run shows that both exported. `on` exports at least every
+second (`OTEL_BSP_SCHEDULE_DELAY=1000`, passed on to Triton) and each measurement counts CPU for
+`--settle-s` after its last call, so a run's export work is charged to that run.
+
+Each round drives every config once with the same requests (`--clips` WAV clips of 4 s, as
+`audio.content`, `--concurrency` calls in flight, after a short warm-up), in an order that
+alternates every round, each measurement started in a lull of the machine's other load where
+one comes (`wait_for_quiet`). Per round: utterances/s and the CPU time the server processes
+(front server, tritonserver, Python-backend stub) used per utterance. The cost is taken within
+each round (on vs off of the same round), then its median and range over rounds are reported:
+other jobs share the two cores, so single figures move; the CPU per utterance moves less.
+
+    .venv/bin/python -m benchmarks.tracing_cost [--rounds 8] [--clips 160] [--concurrency 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import statistics
+import threading
+import time
+from collections.abc import Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    GRPC_OPTIONS,
+    ServeProcess,
+    add_data_dir_argument,
+    cpu_meter,
+    log,
+    require_data_dir,
+    wait_for_quiet,
+)
+
+MODEL = "ge2e_int8"
+SAMPLE_RATE = 16_000
+CLIP_SECONDS = 4.0
+BUDGET = 0.05  # the most throughput tracing may cost
+
+
+class SinkReceiver:
+    """OTLP/HTTP receiver that counts and drops: requests and bytes by content type."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, list[int]] = {}
+        lock = threading.Lock()
+        counts = self.counts
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                size = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(size)
+                kind = (self.headers.get("Content-Type") or "?").split(";")[0]
+                with lock:
+                    entry = counts.setdefault(kind, [0, 0])
+                    entry[0] += 1
+                    entry[1] += size
+                reply = b"{}" if kind == "application/json" else b""
+                self.send_response(200)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def snapshot(self) -> dict[str, tuple[int, int]]:
+        return {kind: (entry[0], entry[1]) for kind, entry in self.counts.items()}
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def config_env(name: str, receiver: SinkReceiver) -> dict[str, str]:
+    """The environment of one config's server (empty values unset inherited OTEL_* ones)."""
+    env = {
+        "VOICEGATE_ENCODER_MODELS": MODEL,
+        "VOICEGATE_ENCODER_MODEL": MODEL,
+        "OTEL_SDK_DISABLED": "",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "",
+        "OTEL_TRACES_SAMPLER": "",
+        "OTEL_TRACES_EXPORTER": "",
+    }
+    if name == "off":
+        env["OTEL_SDK_DISABLED"] = "true"
+    elif name == "on":
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.url
+        env["OTEL_TRACES_SAMPLER"] = "always_on"
+        env["OTEL_SERVICE_NAME"] = "voicegate-bench"
+        # Export at least every second (front server and Triton), so that a measurement's
+        # export work falls inside its own CPU window rather than the next config's.
+        env["OTEL_BSP_SCHEDULE_DELAY"] = "1000"
+    elif name != "nosink":
+        raise SystemExit(f"unknown config {name!r}: use off, nosink, on")
+    return env
+
+
+def make_clips(data_dir: Path, count: int) -> list[bytes]:
+    """`count` 4 s WAV clips at 16 kHz, cut from successive files (and later offsets)."""
+    import soundfile
+
+    files = sorted(data_dir.glob("*.flac"))
+    clips: list[bytes] = []
+    offset = 1.0
+    while len(clips) < count:
+        before = len(clips)
+        for path in files:
+            wav, rate = soundfile.read(path, dtype="float32", always_2d=False)
+            begin, end = int(offset * rate), int((offset + CLIP_SECONDS) * rate)
+            if rate != SAMPLE_RATE or wav.ndim != 1 or end > len(wav):
+                continue
+            buffer = io.BytesIO()
+            soundfile.write(buffer, wav[begin:end], rate, format="WAV", subtype="PCM_16")
+            clips.append(buffer.getvalue())
+            if len(clips) == count:
+                break
+        if len(clips) == before:
+            raise SystemExit(f"{data_dir} has too little 16 kHz mono speech for {count} clips")
+        offset += CLIP_SECONDS + 1.0
+    return clips
+
+
+async def drive(
+    target: str, clips: Sequence[bytes], args: argparse.Namespace, pids: Sequence[int]
+) -> tuple[float, dict[str, float]]:
+    """An untimed warm-up, then every clip with `--concurrency` calls in flight: the seconds
+    that took and the CPU seconds each server process used meanwhile."""
+    import grpc
+
+    from server.api.voicegate.v1 import audio_pb2, speaker_pb2, speaker_pb2_grpc
+
+    requests = [
+        speaker_pb2.EmbedRequest(audio=audio_pb2.Audio(content=clip), model=MODEL) for clip in clips
+    ]
+    async with grpc.aio.insecure_channel(target, options=GRPC_OPTIONS) as channel:
+        stub = speaker_pb2_grpc.SpeakerServiceStub(channel)
+
+        async def run(batch: Sequence[Any]) -> None:
+            queue = list(reversed(batch))
+
+            async def worker() -> None:
+                while queue:
+                    reply = await stub.Embed(queue.pop(), timeout=120)
+                    if len(reply.embedding) != 256:
+                        raise RuntimeError("bad embedding")
+
+            await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+
+        await run(requests[: args.warm_up])
+        await asyncio.sleep(args.settle_s)
+        wait_for_quiet(args.quiet_wait_s)
+        me = os.getpid()
+        with cpu_meter([me, *pids], {me: "client", pids[0]: "front server"}) as used:
+            began = time.perf_counter()
+            await run(requests)
+            elapsed = time.perf_counter() - began
+            # Spans still queued are exported within the schedule delay: count that CPU too.
+            await asyncio.sleep(args.settle_s)
+    return elapsed, used
+
+
+def measure(server: ServeProcess, clips: Sequence[bytes], args: argparse.Namespace) -> dict:
+    elapsed, used = asyncio.run(drive(server.target, clips, args, server.pids()))
+    server_cpu = sum(v for k, v in used.items() if k not in ("machine", "client"))
+    ours = server_cpu + used.get("client", 0.0)
+    return {
+        "utt_per_s": len(clips) / elapsed,
+        "server_cpu_ms_per_utt": 1000 * server_cpu / len(clips),
+        "front_cpu_ms_per_utt": 1000 * used.get("front server", 0.0) / len(clips),
+        "client_cpu_ms_per_utt": 1000 * used.get("client", 0.0) / len(clips),
+        "cpu_ms_per_utt_by_process": {
+            k: 1000 * v / len(clips) for k, v in used.items() if k not in ("machine", "client")
+        },
+        "others_cores": max(0.0, used["machine"] - ours) / (elapsed + args.settle_s),
+    }
+
+
+def summary(values: Sequence[float]) -> str:
+    return (
+        f"median {statistics.median(values):+.1%} "
+        f"(range {min(values):+.1%} .. {max(values):+.1%}, n={len(values)})"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_data_dir_argument(parser)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--clips", type=int, default=160, help="Embed calls per measurement")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--warm-up", type=int, default=16)
+    parser.add_argument("--configs", default="off,on", help="comma-separated: off, nosink, on")
+    parser.add_argument("--quiet-wait-s", type=float, default=5.0)
+    parser.add_argument(
+        "--settle-s", type=float, default=1.5, help="idle time after each run, CPU still counted"
+    )
+    parser.add_argument("--json", type=Path, help="write every figure here")
+    args = parser.parse_args(argv)
+    data_dir = require_data_dir(parser, args.data_dir)
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    if "off" not in configs:
+        parser.error("--configs needs off, the reference")
+
+    clips = make_clips(data_dir, args.clips)
+    receiver = SinkReceiver()
+    servers = {name: ServeProcess(env=config_env(name, receiver)) for name in configs}
+    rounds: list[dict[str, dict]] = []
+    try:
+        for name, server in servers.items():
+            log(f"starting {name}")
+            server.start()
+        for index in range(args.rounds):
+            order = configs if index % 2 == 0 else list(reversed(configs))
+            results: dict[str, dict] = {}
+            for name in order:
+                results[name] = measure(servers[name], clips, args)
+            rounds.append(results)
+            line = "  ".join(
+                f"{name} {r['utt_per_s']:6.2f} utt/s {r['server_cpu_ms_per_utt']:6.1f} cpu-ms/utt"
+                f" (others {r['others_cores']:.2f} cores)"
+                for name, r in results.items()
+            )
+            log(f"round {index + 1}/{args.rounds}: {line}")
+    finally:
+        for server in servers.values():
+            server.stop()
+        receiver.close()
+    exports = receiver.snapshot()
+
+    print(
+        f"\nEmbed, {args.clips} clips of {CLIP_SECONDS:.0f} s, {args.concurrency} in flight, "
+        f"{args.rounds} rounds (config order alternating), model {MODEL}"
+    )
+    print(
+        f"{'config':8s} {'utt/s median':>13s} {'range':>17s} {'server cpu-ms/utt':>18s} "
+        f"{'of it front':>12s} {'others cores':>13s}"
+    )
+    for name in configs:
+        rates = [r[name]["utt_per_s"] for r in rounds]
+        cpus = [r[name]["server_cpu_ms_per_utt"] for r in rounds]
+        front = [r[name]["front_cpu_ms_per_utt"] for r in rounds]
+        others = [r[name]["others_cores"] for r in rounds]
+        print(
+            f"{name:8s} {statistics.median(rates):13.2f} "
+            f"{min(rates):8.2f}..{max(rates):<8.2f} {statistics.median(cpus):18.1f} "
+            f"{statistics.median(front):12.1f} {statistics.median(others):13.2f}"
+        )
+    print("server CPU ms per utterance by process (medians):")
+    for name in configs:
+        by_process = [r[name]["cpu_ms_per_utt_by_process"] for r in rounds]
+        processes = sorted({p for figures in by_process for p in figures})
+        parts = [
+            f"{p} {statistics.median(f.get(p, 0.0) for f in by_process):.2f}" for p in processes
+        ]
+        print(f"  {name:8s} " + ", ".join(parts))
+    verdicts = {}
+    for name in configs:
+        if name == "off":
+            continue
+        cost = [1 - r[name]["utt_per_s"] / r["off"]["utt_per_s"] for r in rounds]
+        cpu = [
+            r[name]["server_cpu_ms_per_utt"] / r["off"]["server_cpu_ms_per_utt"] - 1 for r in rounds
+        ]
+        ok = statistics.median(cost) <= BUDGET
+        verdicts[name] = ok
+        print(f"\n{name} vs off, within each round:")
+        print(f"  throughput cost      {summary(cost)}  -> {'within' if ok else 'OVER'} 5 %")
+        print(f"  server CPU per utt   {summary(cpu)}")
+    print(
+        "\nexports received (requests, bytes): front server (protobuf) "
+        f"{exports.get('application/x-protobuf', (0, 0))}, Triton (JSON) "
+        f"{exports.get('application/json', (0, 0))}"
+    )
+    if args.json:
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        report = {"args": settings, "rounds": rounds, "exports": exports}
+        args.json.write_text(json.dumps(report, indent=1))
+    return 0 if all(verdicts.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,212 @@
+"""The gRPC side of telemetry: one server interceptor for spans and per-RPC metrics.
+
+Installed first (outermost), ahead of `ErrorMappingInterceptor`, so that it sees the status
+code every call really ends with and that the error log lines are written inside the span.
+
+For each RPC of the API (not health checks or reflection, which only get metrics) it
+continues the caller's W3C `traceparent` from the request metadata and opens a SERVER span named
+`voicegate.v1.SpeakerService/Embed`, with the attributes of the OpenTelemetry RPC conventions
+(`rpc.system`, `rpc.service`, `rpc.method`, `rpc.grpc.status_code`, `network.peer.*`).
+
+opentelemetry-instrumentation-grpc's aio interceptor continues `traceparent` correctly as well
+(it extracts from the invocation metadata with the global propagator); this one is used instead
+because it also keeps the metrics, names spans as the conventions say (no leading `/`), follows
+the server-span error rules, and takes our own tracer rather than the global provider.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import Token
+from typing import Any
+
+import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from server.telemetry import GRPC_CODES, RPC_METHOD, SERVER_ERROR_CODES, Telemetry
+
+UNTRACED_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"})
+
+
+class TelemetryInterceptor(grpc.aio.ServerInterceptor):
+    """Server span, caller's trace context and RPC metrics for every call."""
+
+    def __init__(
+        self, telemetry: Telemetry, untraced_services: frozenset[str] = UNTRACED_SERVICES
+    ) -> None:
+        self._telemetry = telemetry
+        self._untraced = untraced_services
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        full = str(handler_call_details.method)
+        service, _, method = full.lstrip("/").rpartition("/")
+        call = _CallObserver(self._telemetry, service, method, traced=service not in self._untraced)
+        factories: list[tuple[Any, Callable[..., Any], Callable[..., Any]]] = [
+            (handler.unary_unary, grpc.unary_unary_rpc_method_handler, call.wrap_unary),
+            (handler.stream_unary, grpc.stream_unary_rpc_method_handler, call.wrap_unary),
+            (handler.unary_stream, grpc.unary_stream_rpc_method_handler, call.wrap_stream),
+            (handler.stream_stream, grpc.stream_stream_rpc_method_handler, call.wrap_stream),
+        ]
+        for behavior, factory, wrap in factories:
+            if behavior is not None:
+                return factory(
+                    wrap(behavior),
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer,
+                )
+        return handler
+
+
+class _CallObserver:
+    """Wraps the handler of one call: its span, its status code, its metrics."""
+
+    def __init__(self, telemetry: Telemetry, service: str, method: str, traced: bool) -> None:
+        self._tracing = telemetry.tracing
+        self._metrics = telemetry.metrics
+        self._service = service
+        self._method = method
+        self._traced = traced and telemetry.tracing.enabled
+        self._api = traced
+        self._span_name = f"{service}/{method}"
+
+    def wrap_unary(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            began = self._begin()
+            method_token = RPC_METHOD.set(self._method)
+            span, otel_token = self._start_span(context) if self._traced else (None, None)
+            code = "UNKNOWN"
+            try:
+                response = await behavior(request, context)
+                code = _code_name(context.code()) or "OK"
+                return response
+            except grpc.aio.AbortError:
+                code = _code_name(context.code()) or "UNKNOWN"
+                raise
+            except asyncio.CancelledError:
+                code = _cancel_code(context)
+                raise
+            finally:
+                self._end(span, code, context, began)
+                if otel_token is not None:
+                    otel_context.detach(otel_token)
+                RPC_METHOD.reset(method_token)
+
+        return wrapped
+
+    def wrap_stream(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        # Streams get metrics only: no API method streams, and a context attached inside an
+        # async generator could be detached from another one.
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            began = self._begin()
+            code = "UNKNOWN"
+            try:
+                async for response in behavior(request, context):
+                    yield response
+                code = _code_name(context.code()) or "OK"
+            except grpc.aio.AbortError:
+                code = _code_name(context.code()) or "UNKNOWN"
+                raise
+            except asyncio.CancelledError:
+                code = _cancel_code(context)
+                raise
+            finally:
+                self._end(None, code, context, began)
+
+        return wrapped
+
+    def _begin(self) -> float:
+        if self._metrics is not None:
+            self._metrics.in_flight.labels(self._service, self._method).inc()
+        return time.perf_counter()
+
+    def _start_span(
+        self, context: grpc.aio.ServicerContext
+    ) -> tuple[trace.Span, Token[otel_context.Context]]:
+        """The SERVER span, child of the caller's context, made current (detach the token)."""
+        carrier = {}
+        for key, value in context.invocation_metadata() or ():
+            if isinstance(value, str):  # binary (-bin) metadata carries no trace context
+                carrier[key] = value
+        parent = self._tracing.extract(carrier)
+        attributes: dict[str, Any] = {
+            "rpc.system": "grpc",
+            "rpc.service": self._service,
+            "rpc.method": self._method,
+        }
+        attributes.update(_peer_attributes(context.peer()))
+        span = self._tracing.tracer.start_span(
+            self._span_name, context=parent, kind=SpanKind.SERVER, attributes=attributes
+        )
+        return span, otel_context.attach(trace.set_span_in_context(span, parent))
+
+    def _end(
+        self,
+        span: trace.Span | None,
+        code: str,
+        context: grpc.aio.ServicerContext,
+        began: float,
+    ) -> None:
+        elapsed = time.perf_counter() - began
+        if span is not None:
+            span.set_attribute("rpc.grpc.status_code", GRPC_CODES.get(code, 2))
+            if code in SERVER_ERROR_CODES:
+                span.set_attribute("error.type", code)
+                span.set_status(Status(StatusCode.ERROR, f"{code}: {_details(context)}"))
+            span.end()
+        metrics = self._metrics
+        if metrics is not None:
+            metrics.in_flight.labels(self._service, self._method).dec()
+            metrics.handled.labels(self._service, self._method, code).inc()
+            metrics.handling_seconds.labels(self._service, self._method).observe(elapsed)
+            if self._api:
+                metrics.observe_stage(self._method, "total", elapsed)
+
+
+def _code_name(code: Any) -> str | None:
+    """`grpc.StatusCode.X` (or its number) as `X`; None when no code was set."""
+    if code is None:
+        return None
+    if isinstance(code, grpc.StatusCode):
+        return str(code.name)
+    if isinstance(code, int):
+        for status in grpc.StatusCode:
+            if status.value[0] == code:
+                return str(status.name)
+    return "UNKNOWN"
+
+
+def _cancel_code(context: grpc.aio.ServicerContext) -> str:
+    remaining = context.time_remaining()
+    return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+
+
+def _details(context: grpc.aio.ServicerContext) -> str:
+    try:
+        return str(context.details() or "")
+    except Exception:  # not every grpcio has details() on the aio context
+        return ""
+
+
+def _peer_attributes(peer: str | None) -> dict[str, Any]:
+    """`ipv4:10.0.0.1:5000` / `ipv6:[::1]:5000` as network.peer.address and .port."""
+    if not peer or ":" not in peer:
+        return {}
+    kind, _, rest = peer.partition(":")
+    if kind not in ("ipv4", "ipv6"):
+        return {"network.transport": "unix"} if kind == "unix" else {}
+    address, _, port = rest.split(",")[0].rpartition(":")
+    attributes: dict[str, Any] = {"network.peer.address": address.strip("[]")}
+    if port.isdigit():
+        attributes["network.peer.port"] = int(port)
+    return attributes
