@@ -48,29 +48,36 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream(handler.stream_stream, method),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+        return rewrap_handler(
+            handler,
+            wrap_unary=lambda behavior: _wrap_unary(behavior, method),
+            wrap_stream=lambda behavior: _wrap_stream(behavior, method),
         )
+
+
+Wrapper = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def rewrap_handler(
+    handler: grpc.RpcMethodHandler, wrap_unary: Wrapper, wrap_stream: Wrapper
+) -> grpc.RpcMethodHandler:
+    """The same handler with its behavior wrapped: `wrap_unary` for the RPC kinds that return
+    one response, `wrap_stream` for those that yield a stream of them."""
+    kinds = [
+        (handler.unary_unary, grpc.unary_unary_rpc_method_handler, wrap_unary),
+        (handler.stream_unary, grpc.stream_unary_rpc_method_handler, wrap_unary),
+        (handler.unary_stream, grpc.unary_stream_rpc_method_handler, wrap_stream),
+        (handler.stream_stream, grpc.stream_stream_rpc_method_handler, wrap_stream),
+    ]
+    for behavior, factory, wrap in kinds:
+        if behavior is not None:
+            wrapped: grpc.RpcMethodHandler = factory(
+                wrap(behavior),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+            return wrapped
+    return handler
 
 
 def _wrap_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
@@ -98,4 +105,4 @@ def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any
     return wrapped
 
 
-__all__ = ["ErrorMappingInterceptor", "StatusCode", "abort_with", "grpc_status"]
+__all__ = ["ErrorMappingInterceptor", "StatusCode", "abort_with", "grpc_status", "rewrap_handler"]

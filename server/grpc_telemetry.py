@@ -27,6 +27,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from server.grpc_errors import rewrap_handler
 from server.telemetry import GRPC_CODES, RPC_METHOD, SERVER_ERROR_CODES, Telemetry
 
 UNTRACED_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"})
@@ -52,20 +53,7 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
         full = str(handler_call_details.method)
         service, _, method = full.lstrip("/").rpartition("/")
         call = _CallObserver(self._telemetry, service, method, traced=service not in self._untraced)
-        factories: list[tuple[Any, Callable[..., Any], Callable[..., Any]]] = [
-            (handler.unary_unary, grpc.unary_unary_rpc_method_handler, call.wrap_unary),
-            (handler.stream_unary, grpc.stream_unary_rpc_method_handler, call.wrap_unary),
-            (handler.unary_stream, grpc.unary_stream_rpc_method_handler, call.wrap_stream),
-            (handler.stream_stream, grpc.stream_stream_rpc_method_handler, call.wrap_stream),
-        ]
-        for behavior, factory, wrap in factories:
-            if behavior is not None:
-                return factory(
-                    wrap(behavior),
-                    request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer,
-                )
-        return handler
+        return rewrap_handler(handler, wrap_unary=call.wrap_unary, wrap_stream=call.wrap_stream)
 
 
 class _CallObserver:
