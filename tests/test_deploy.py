@@ -521,7 +521,9 @@ def test_server_image_build_steps_without_docker(tmp_path: Path) -> None:
 
     def stubs(root: Path) -> dict[Path, bytes]:
         return {
-            p.relative_to(root): p.read_bytes() for p in (root / "server" / "api").rglob("*.py*")
+            p.relative_to(root): p.read_bytes()
+            for p in (root / "server" / "api").rglob("*")
+            if p.suffix in {".py", ".pyi"} and "__pycache__" not in p.parts
         }
 
     assert stubs(context) == stubs(ROOT)
