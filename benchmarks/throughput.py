@@ -6,26 +6,33 @@ a. end to end: Embed calls (model ge2e_int8, WAV bytes as `audio.content`) from 
    client in this process to `voicegate serve` started as a separate process (state in a temp
    dir, ready when it logs "voicegate ready", SIGTERM at the end), or to `--server HOST:PORT`.
    For each client concurrency (1, 8, 32): an untimed warm-up, then every clip once with that
-   many calls in flight; utterances/s, p50 and p99 latency (client side), and the CPU time each
-   process of the server (front server, tritonserver, the Python-backend stub) and the client
-   used per utterance.
-b. the in-process ceiling: what the service does without RPC or Triton, one process:
+   many calls in flight; utterances/s, p50 and p99 latency (client side), the CPU time each
+   process (front server, tritonserver, Python-backend stubs, this client) used per utterance,
+   and Triton's own statistics (partials per batch, queue and compute time).
+b. the in-process ceiling: the service's work without RPC or Triton:
    `server.audio.decode_content` of the same WAV bytes, `server.features.prepare_utterance`, and
    ONNX Runtime int8 (model_repository/ge2e_int8/1/model.onnx, each clip's partials as one batch,
    `server.calibration.OnnxEncoder`), averaged. Variants: `seq ort2` one clip at a time, ORT with
-   2 intra-op threads (both cores; the reference for the ratio); `seq ort1` the same with 1 ORT
-   thread; `2 threads ort1` two clips at a time from two Python threads sharing a 1-thread session
-   (both cores busy, preprocessing overlapping inference: the most this process got out of 2 cores).
+   2 intra-op threads (the brief's reference: both cores for ORT, none for overlap); `seq ort1`
+   the same with 1 ORT thread; `2 threads ort1` two Python threads sharing a 1-thread session
+   (the GIL in between); `2 procs ort1` two worker processes with a 1-thread session each, half
+   the clips each: both cores busy, nothing shared, the most 2 cores give (the fair ceiling).
+   Ratios are printed against `seq ort2` and against the best variant of the round.
 c. resemblyzer (`preprocess_wav` + `VoiceEncoder.embed_utterance`, torch) in a subprocess, so torch
-   never loads here; OPENBLAS_NUM_THREADS=1, torch with 1 and with 2 threads; the better is used.
+   never loads here; OPENBLAS_NUM_THREADS=1, torch with 1 and with 2 threads; the better counts.
 
-The parts run interleaved, `--rounds` times (the order reversed every other round), so load from
-other jobs on the machine hits all alike; every figure is the median over rounds with its spread
-((max - min) / median), and each ratio is taken within a round before its median is taken.
+The parts run interleaved, `--rounds` times (order reversed every other round), each after
+waiting (at most `--quiet-wait` s) for a lull in the machine's load; every figure is the median
+over rounds with its spread ((max - min) / median), and each ratio is taken within a round
+before its median is taken. `others` is the cores other jobs used during a measurement; the
+`quiet` figures keep only measurements where that stayed under 0.15 cores. With `--server`
+the server's processes are not known here: their CPU counts under `others` (pass
+`--triton-url` for Triton's batching statistics).
 
     .venv/bin/python -m benchmarks.throughput [--server HOST:PORT] [--clips 200] [--rounds 3]
 
-Trying server settings: `--serve-env VOICEGATE_PREPROCESS_WORKERS=3`, `--model-repository DIR`.
+Trying server settings: `--serve-env VOICEGATE_PREPROCESS_WORKERS=3`, `--model-repository DIR`
+(or `benchmarks.sweep`, which compares several settings in one run).
 """
 
 from __future__ import annotations
