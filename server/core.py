@@ -18,8 +18,14 @@ import numpy as np
 
 from server.audio import SAMPLE_RATE, RawAudioSpec, decode_content, decode_raw, normalize_volume
 from server.config import Settings
-from server.errors import DeadlineExceeded, InvalidArgument, NotEnoughSpeech
-from server.features import Utterance, average_embedding, partial_windows, trim_silence
+from server.errors import DeadlineExceeded, InvalidArgument
+from server.features import (
+    Utterance,
+    average_embedding,
+    partial_windows,
+    require_speech,
+    trim_silence,
+)
 from server.fusion import Calibration
 from server.mfcc import mfcc_score, mfcc_statistics
 from server.telemetry import (
@@ -245,13 +251,8 @@ def _prepare_wave(
     attributes = {ATTR_AUDIO_FIELD: field}
     with telemetry.stage("trim", attributes) as span:
         speech = trim_silence(normalize_volume(wav))
-        seconds = len(speech) / SAMPLE_RATE
-        span.set_attribute(ATTR_SPEECH_SECONDS, seconds)
-        if seconds < min_speech_seconds:
-            raise NotEnoughSpeech(
-                f"audio has {seconds:.2f} s of speech after silence trimming; "
-                f"at least {min_speech_seconds:.2f} s is needed"
-            )
+        span.set_attribute(ATTR_SPEECH_SECONDS, len(speech) / SAMPLE_RATE)
+        seconds = require_speech(speech, min_speech_seconds)
     telemetry.count_audio("speech", seconds)
     with telemetry.stage("features", attributes) as span:
         partials = partial_windows(speech)

@@ -43,13 +43,19 @@ class Utterance:
 def prepare_utterance(wav: np.ndarray, min_speech_seconds: float = 0.5) -> Utterance:
     """Normalise, trim silence and cut the mel partials of a mono 16 kHz waveform."""
     speech = trim_silence(normalize_volume(wav))
+    require_speech(speech, min_speech_seconds)
+    return Utterance(speech=speech, partials=partial_windows(speech))
+
+
+def require_speech(speech: np.ndarray, min_speech_seconds: float) -> float:
+    """The seconds of trimmed speech; NotEnoughSpeech below `min_speech_seconds`."""
     seconds = len(speech) / SAMPLE_RATE
     if seconds < min_speech_seconds:
         raise NotEnoughSpeech(
             f"audio has {seconds:.2f} s of speech after silence trimming; "
             f"at least {min_speech_seconds:.2f} s is needed"
         )
-    return Utterance(speech=speech, partials=partial_windows(speech))
+    return seconds
 
 
 def trim_silence(wav: np.ndarray) -> np.ndarray:
