@@ -101,6 +101,10 @@ class SpeakerCore:
         self._telemetry = telemetry or DISABLED
 
     @property
+    def telemetry(self) -> Telemetry:
+        return self._telemetry
+
+    @property
     def calibration(self) -> Calibration:
         return self._calibration
 

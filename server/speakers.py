@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextvars
 import logging
 import math
 import re
@@ -48,6 +49,7 @@ from server.store import (
     open_store,
     stale_message,
 )
+from server.telemetry import DISABLED, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +145,10 @@ class SpeakerDirectory:
         self._model_version = model_version
         self._index = index if index is not None else SpeakerIndex(MFCC_DIMENSION)
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="speakers")
+        self._telemetry: Telemetry = getattr(core, "telemetry", DISABLED)
+        self._db_system = (
+            "postgresql" if (settings.store_url or "").startswith("postgres") else "sqlite"
+        )
         self._fingerprints: dict[str, tuple[str, float]] = {}
         self._sync_lock = asyncio.Lock()
         self._syncs_started = 0
@@ -395,8 +401,19 @@ class SpeakerDirectory:
         return record
 
     async def _in_thread(self, function: Callable[..., T], *args: object) -> T:
+        """Run store or index work on the directory's threads, as a `store.*` span."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, function, *args)
+        telemetry = self._telemetry
+        name = "store." + function.__name__.lstrip("_")
+        attributes = {"db.system": self._db_system}
+
+        def work() -> T:
+            with telemetry.stage(name, attributes):
+                return function(*args)
+
+        # The worker runs in the caller's context: the span is a child of the RPC's span.
+        context = contextvars.copy_context()
+        return await loop.run_in_executor(self._executor, context.run, work)
 
 
 def _encode_page_token(last_id: str) -> str:

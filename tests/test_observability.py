@@ -454,6 +454,22 @@ async def test_errors_are_recorded_with_status(
     assert not any(s.name in (TRITON_CALL, "InferRequest") for s in spans)
 
 
+async def test_storage_work_is_traced(
+    stub: Any, receiver: OtlpReceiver, speech_files: list[Path]
+) -> None:
+    trace_id, _, metadata = traceparent()
+    request = speaker_pb2.EnrollRequest(
+        speaker_id="traced-speaker", audio=[speech.halves(speech_files[3])[0]]
+    )
+    await stub.Enroll(request, metadata=metadata)
+    spans = await receiver.wait_for(trace_id, has("store.enroll"))
+    server = only(spans, "voicegate.v1.SpeakerService/Enroll")
+    store = only(spans, "store.enroll")
+    assert store.parent_id == server.span_id
+    assert store.attributes["db.system"] == "sqlite"
+    assert_no_payloads(spans)
+
+
 async def test_triton_failure_marks_the_client_span(traced_app: Any) -> None:
     """An injected provider (in memory) sees a failed Triton call as an ERROR client span."""
     from server.errors import BackendUnavailable
