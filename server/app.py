@@ -23,6 +23,7 @@ from server.fusion import Calibration
 from server.grpc_errors import ErrorMappingInterceptor
 from server.grpc_telemetry import TelemetryInterceptor
 from server.metrics import Metrics
+from server.security import TokenAuthInterceptor, server_credentials
 from server.servicer import SpeakerServicer
 from server.speakers import SpeakerDirectory
 from server.telemetry import Telemetry, Tracing
@@ -51,9 +52,15 @@ def create_server(
 
     Returns the server (not started) and the bound port, which differs from settings.port
     when that is 0. With `telemetry`, every call gets a server span and RPC metrics (the
-    telemetry interceptor comes first so it sees the status code the error mapping settles on).
+    telemetry interceptor comes first so it sees the status code the error mapping settles on,
+    and the refusals of the token check that follows it). TLS (mutual with a client CA) and
+    bearer tokens as the settings say; their files are read here, once.
     """
     interceptors: list[grpc.aio.ServerInterceptor] = [ErrorMappingInterceptor()]
+    auth = TokenAuthInterceptor.from_settings(settings)  # reads the token file, once
+    if auth is not None:
+        interceptors.insert(0, auth)  # after telemetry, which then records the refusals
+    credentials = server_credentials(settings)  # reads the TLS files, once
     if telemetry is not None:
         interceptors.insert(0, TelemetryInterceptor(telemetry))
     server = grpc.aio.server(
@@ -69,7 +76,11 @@ def create_server(
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    if credentials is not None:
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind gRPC port {settings.host}:{settings.port}")
     return server, port
@@ -154,9 +165,13 @@ class VoicegateApp:
         else:
             await self._set_health(SERVING)
         log.info(
-            "voicegate ready: gRPC on port %d, metrics %s, Triton at %s (%s), encoders %s, "
-            "traces %s",
+            "voicegate ready: gRPC on port %d (%s, %s), metrics %s, Triton at %s (%s), "
+            "encoders %s, traces %s",
             self.port,
+            ("mutual TLS" if settings.tls_client_ca_file else "TLS")
+            if settings.tls
+            else "plaintext",
+            "bearer tokens required" if settings.auth_tokens_file else "no authentication",
             f"on port {self.metrics_port} (/metrics)" if self.metrics_port else "off",
             self.triton_url,
             f"embedded, its metrics at http://127.0.0.1:{self.triton.metrics_port}/metrics"
@@ -212,12 +227,17 @@ class VoicegateApp:
 
     async def _watch_backend(self) -> None:
         assert self._encoder is not None
-        serving = None
+        serving: bool | None = None
+        misses = 0
         while True:
             if self.triton is not None:
                 self._encoder.set_url(self.triton.grpc_url)
             ready = await self._encoder.is_ready(self.settings.encoder_models)
-            if ready != serving:
+            misses = 0 if ready else misses + 1
+            # One slow probe on a loaded machine is no outage: NOT_SERVING after two misses
+            # in a row, or at once when our own Triton process is known to be down.
+            down = misses >= 2 or (self.triton is not None and not self.triton.is_ready())
+            if (ready or down) and ready != serving:
                 if serving is not None:
                     log.warning("Triton %s", "ready again" if ready else "not ready")
                 await self._set_health(SERVING if ready else NOT_SERVING)

@@ -11,8 +11,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from server import __version__
+
+if TYPE_CHECKING:
+    from server.client import Connection
 
 DEFAULT_SERVER = "localhost:50051"
 # numpy's OpenBLAS (and OpenMP) spin threads that fight ONNX Runtime and the Triton stub for
@@ -43,6 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--store-url",
         help="speaker store: sqlite:///PATH or postgresql://... (env VOICEGATE_STORE_URL; "
         "default sqlite:///<state dir>/speakers.db)",
+    )
+    serve.add_argument("--tls-cert-file", type=Path, help="server certificate (PEM) for TLS")
+    serve.add_argument("--tls-key-file", type=Path, help="private key (PEM) of --tls-cert-file")
+    serve.add_argument(
+        "--tls-client-ca-file",
+        type=Path,
+        help="CA (PEM) for client certificates: mutual TLS, a client certificate is required",
+    )
+    serve.add_argument(
+        "--auth-tokens-file",
+        type=Path,
+        help="bearer tokens as 'sha256:<hex> [Method,...|*]' lines (see `voicegate hash-token`); "
+        "unset: no authentication",
     )
     serve.add_argument("--grace-seconds", type=float, help="drain time on SIGTERM")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
@@ -84,25 +101,53 @@ def build_parser() -> argparse.ArgumentParser:
     embed = commands.add_parser("embed", help="embed an audio file with a running server")
     embed.add_argument("file", type=Path)
     embed.add_argument("--server", default=DEFAULT_SERVER, help="HOST:PORT of voicegate")
+    _add_connection_arguments(embed)
     embed.add_argument("--model", default="", help="encoder model (server default if empty)")
 
     verify = commands.add_parser("verify", help="compare the speakers of two audio files")
     verify.add_argument("file_a", type=Path)
     verify.add_argument("file_b", type=Path)
     verify.add_argument("--server", default=DEFAULT_SERVER, help="HOST:PORT of voicegate")
+    _add_connection_arguments(verify)
 
     health = commands.add_parser(
         "health",
         help="ask a running server's gRPC health service; exit 0 when SERVING (container probe)",
     )
     health.add_argument("--server", default=DEFAULT_SERVER, help="HOST:PORT of voicegate")
+    _add_connection_arguments(health, token=False)
     health.add_argument(
         "--service",
         default="",
         help="service to check: '' (default) for the whole server, or voicegate.v1.SpeakerService",
     )
     health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the reply")
+
+    commands.add_parser(
+        "hash-token",
+        help="read a bearer token on stdin, print its sha256:<hex> line for the token file",
+    )
     return parser
+
+
+def _add_connection_arguments(command: argparse.ArgumentParser, token: bool = True) -> None:
+    command.add_argument("--tls-ca", type=Path, help="CA (PEM) of the server's cert: use TLS")
+    command.add_argument("--tls-cert", type=Path, help="client certificate (PEM) for mutual TLS")
+    command.add_argument("--tls-key", type=Path, help="private key (PEM) of --tls-cert")
+    if token:
+        command.add_argument(
+            "--token",
+            default=os.environ.get("VOICEGATE_TOKEN") or None,
+            help="bearer token (default: env VOICEGATE_TOKEN, which keeps it out of `ps`)",
+        )
+
+
+def _connection(args: argparse.Namespace) -> Connection:
+    from server.client import Connection
+
+    return Connection(
+        args.server, args.tls_ca, args.tls_cert, args.tls_key, getattr(args, "token", None)
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -137,6 +182,10 @@ def _serve(args: argparse.Namespace) -> int:
             "calibration_file": args.calibration_file,
             "store_url": args.store_url,
             "grace_seconds": args.grace_seconds,
+            "tls_cert_file": args.tls_cert_file,
+            "tls_key_file": args.tls_key_file,
+            "tls_client_ca_file": args.tls_client_ca_file,
+            "auth_tokens_file": args.auth_tokens_file,
             "log_level": args.log_level,
             "log_format": args.log_format,
             "metrics_port": args.metrics_port,
@@ -177,7 +226,7 @@ def _embed(args: argparse.Namespace) -> int:
     from server.client import embed_file, report_rpc_error
 
     with report_rpc_error():
-        response = embed_file(args.server, args.file, args.model)
+        response = embed_file(_connection(args), args.file, args.model)
         print(
             f"model {response.model}, {response.speech_seconds:.2f} s of speech, "
             f"{response.partial_count} partials"
@@ -190,7 +239,7 @@ def _verify(args: argparse.Namespace) -> int:
     from server.client import report_rpc_error, verify_files
 
     with report_rpc_error():
-        response = verify_files(args.server, args.file_a, args.file_b)
+        response = verify_files(_connection(args), args.file_a, args.file_b)
         verdict = "same speaker" if response.same_speaker else "different speakers"
         scores = ", ".join(f"{s.model} {s.score:.4f}" for s in response.scores)
         print(
@@ -203,8 +252,11 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from server.client import Connection
+
     request = health_pb2.HealthCheckRequest(service=args.service)
-    with grpc.insecure_channel(args.server) as channel:
+    connection = Connection(args.server, args.tls_ca, args.tls_cert, args.tls_key)
+    with connection.channel() as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=args.timeout)
         except grpc.RpcError as exc:
@@ -216,6 +268,17 @@ def _health(args: argparse.Namespace) -> int:
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
+def _hash_token(args: argparse.Namespace) -> int:
+    from server.errors import ConfigError
+    from server.security import hash_token
+
+    token = sys.stdin.readline().strip()
+    if not token:
+        raise ConfigError("hash-token reads the token on stdin; got an empty line")
+    print(hash_token(token))
+    return 0
+
+
 _COMMANDS = {
     "serve": _serve,
     "export": _export,
@@ -223,6 +286,7 @@ _COMMANDS = {
     "embed": _embed,
     "verify": _verify,
     "health": _health,
+    "hash-token": _hash_token,
 }
 
 if __name__ == "__main__":

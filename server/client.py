@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -14,21 +15,57 @@ from server.api.voicegate.v1 import audio_pb2, speaker_pb2, speaker_pb2_grpc
 TIMEOUT_S = 60.0
 
 
-def embed_file(target: str, path: Path, model: str = "") -> speaker_pb2.EmbedResponse:
+@dataclass(frozen=True)
+class Connection:
+    """Where and how to reach the server: TLS when `tls_ca` is set (with a client certificate
+    for mutual TLS), and a bearer token sent as `authorization` metadata when `token` is set."""
+
+    target: str
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    token: str | None = None
+
+    def channel(self) -> grpc.Channel:
+        if self.tls_ca is None:
+            return grpc.insecure_channel(self.target)
+        key = self.tls_key.read_bytes() if self.tls_key else None
+        cert = self.tls_cert.read_bytes() if self.tls_cert else None
+        credentials = grpc.ssl_channel_credentials(self.tls_ca.read_bytes(), key, cert)
+        return grpc.secure_channel(self.target, credentials)
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+
+def _connection(target: str | Connection) -> Connection:
+    return target if isinstance(target, Connection) else Connection(target)
+
+
+def embed_file(target: str | Connection, path: Path, model: str = "") -> speaker_pb2.EmbedResponse:
     """Embed one local audio file with the server at `target`."""
-    with grpc.insecure_channel(target) as channel:
+    connection = _connection(target)
+    with connection.channel() as channel:
         stub = speaker_pb2_grpc.SpeakerServiceStub(channel)
         request = speaker_pb2.EmbedRequest(audio=_audio(path), model=model)
-        response: speaker_pb2.EmbedResponse = stub.Embed(request, timeout=TIMEOUT_S)
+        response: speaker_pb2.EmbedResponse = stub.Embed(
+            request, timeout=TIMEOUT_S, metadata=connection.metadata
+        )
         return response
 
 
-def verify_files(target: str, reference: Path, probe: Path) -> speaker_pb2.VerifyResponse:
+def verify_files(
+    target: str | Connection, reference: Path, probe: Path
+) -> speaker_pb2.VerifyResponse:
     """Verify whether two local audio files hold the same speaker."""
-    with grpc.insecure_channel(target) as channel:
+    connection = _connection(target)
+    with connection.channel() as channel:
         stub = speaker_pb2_grpc.SpeakerServiceStub(channel)
         request = speaker_pb2.VerifyRequest(reference=_audio(reference), probe=_audio(probe))
-        response: speaker_pb2.VerifyResponse = stub.Verify(request, timeout=TIMEOUT_S)
+        response: speaker_pb2.VerifyResponse = stub.Verify(
+            request, timeout=TIMEOUT_S, metadata=connection.metadata
+        )
         return response
 
 

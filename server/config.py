@@ -29,6 +29,13 @@ class Settings:
     max_message_bytes: int = 32 * 1024 * 1024
     log_level: str = "INFO"
 
+    # Security: TLS (cert and key, both or neither), mutual TLS (client CA: client certificates
+    # required) and bearer tokens (a file of sha256 digests; None: no authentication)
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    auth_tokens_file: Path | None = None
+
     # Observability (tracing itself is configured by the standard OTEL_* variables)
     metrics_port: int = 9464  # Prometheus /metrics on `host`; 0: not served
     log_format: str = "text"  # text | json (trace and span ids on lines inside a request)
@@ -72,6 +79,16 @@ class Settings:
             "triton_trace_rate",
             "must be >= 0 (0: only requests we sampled, 1: every request)",
         )
+        _require(
+            (self.tls_cert_file is None) == (self.tls_key_file is None),
+            "tls_cert_file",
+            "and tls_key_file must be set together (both or neither)",
+        )
+        _require(
+            self.tls_client_ca_file is None or self.tls_cert_file is not None,
+            "tls_client_ca_file",
+            "needs TLS: set tls_cert_file and tls_key_file as well",
+        )
         _require(self.grace_seconds >= 0, "grace_seconds", "must be >= 0")
         _require(self.max_message_bytes >= 1024, "max_message_bytes", "must be >= 1024")
         _require(self.triton_timeout_s > 0, "triton_timeout_s", "must be > 0")
@@ -109,6 +126,11 @@ class Settings:
     def speaker_store_url(self) -> str:
         """`store_url`, or the default SQLite file under `state_dir`."""
         return self.store_url or f"sqlite:///{self.state_dir / 'speakers.db'}"
+
+    @property
+    def tls(self) -> bool:
+        """True when the front server serves TLS (mutual TLS with `tls_client_ca_file`)."""
+        return self.tls_cert_file is not None
 
     @property
     def embedded_triton(self) -> bool:

@@ -22,6 +22,8 @@ class StatusCode(Enum):
     UNAVAILABLE = "UNAVAILABLE"
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     INTERNAL = "INTERNAL"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
 
 
 class VoicegateError(Exception):
@@ -84,6 +86,18 @@ class DeadlineExceeded(VoicegateError):
     """The caller's deadline passed while work was still running."""
 
     status = StatusCode.DEADLINE_EXCEEDED
+
+
+class Unauthenticated(VoicegateError):
+    """The call carries no valid credentials (a missing or unknown bearer token)."""
+
+    status = StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(VoicegateError):
+    """The caller is authenticated but its token does not allow this method."""
+
+    status = StatusCode.PERMISSION_DENIED
 
 
 class ConfigError(VoicegateError):
