@@ -8,7 +8,6 @@ import contextlib
 import dataclasses
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -17,6 +16,8 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from server.triton_process import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = ROOT.parent / "shared" / "data" / "librispeech-train-clean-100"
@@ -52,9 +53,7 @@ def require_data_dir(parser: argparse.ArgumentParser, data_dir: Path | None) -> 
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def log(message: str) -> None:

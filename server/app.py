@@ -156,6 +156,8 @@ class VoicegateApp:
         )
         await self._server.start()
         if self.triton is not None:
+            # A restarted Triton may move to other ports; the client follows it.
+            self.triton.on_url_change(self._encoder.set_url)
             await self.triton.start()
             self._encoder.set_url(self.triton.grpc_url)
         await core.warm_up()
@@ -230,8 +232,6 @@ class VoicegateApp:
         serving: bool | None = None
         misses = 0
         while True:
-            if self.triton is not None:
-                self._encoder.set_url(self.triton.grpc_url)
             ready = await self._encoder.is_ready(self.settings.encoder_models)
             misses = 0 if ready else misses + 1
             # One slow probe on a loaded machine is no outage: NOT_SERVING after two misses

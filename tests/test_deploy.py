@@ -10,7 +10,6 @@ import asyncio
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tomllib
@@ -595,10 +594,9 @@ def test_front_server_dependencies_contain_no_torch() -> None:
 
 
 def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+    from server.triton_process import free_ports
+
+    return free_ports(1)[0]
 
 
 @pytest.mark.integration

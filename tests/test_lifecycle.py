@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.api.voicegate.v1 import speaker_pb2, speaker_pb2_grpc
 from server.config import Settings
+from server.triton_process import free_ports
 from tests import speech
 from tests.conftest import ROOT, require_exported_models
 
@@ -23,9 +23,7 @@ pytestmark = pytest.mark.integration
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def tritonservers_under(state_dir: Path) -> list[int]:

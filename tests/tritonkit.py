@@ -6,11 +6,12 @@ import asyncio
 import importlib.util
 import json
 import os
-import socket
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from server.triton_process import free_ports
 
 # The stand-in encoder, written into each model.py and exec'd here as the reference, so the
 # expected values come from the very same code Triton runs. Each row depends only on its own
@@ -102,9 +103,7 @@ def triton_available() -> bool:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def _state(pid: int) -> str | None:
