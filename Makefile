@@ -14,7 +14,9 @@ export OMP_NUM_THREADS ?= 1
 
 INSTALLED := $(VENV)/.installed
 STUBS := server/api/voicegate/v1/speaker_pb2_grpc.py
-MODELS := model_repository/ge2e_int8/1/model.onnx model_repository/ge2e_fp32/1/model.onnx
+ENCODERS := model_repository/ge2e_int8/1/model.onnx model_repository/ge2e_fp32/1/model.onnx
+VAD := model_repository/silero_vad/1/model.onnx
+MODELS := $(ENCODERS) $(VAD)
 PROTOS := $(wildcard proto/voicegate/v1/*.proto)
 # Any Python with grpcio-tools generates the stubs (the container build passes its own).
 PROTOC_PYTHON ?= $(BIN)/python
@@ -74,8 +76,12 @@ api-release: $(NODE_INSTALLED)
 	$(BUF) lint
 	$(BUF) build --exclude-source-info -o $(RELEASED_API)
 
-$(MODELS): | setup
+$(ENCODERS): | setup
 	$(BIN)/voicegate export --target cpu
+
+# The VAD alone takes seconds (the full export, which also writes it, about a minute).
+$(VAD): | setup
+	$(BIN)/voicegate export --target cpu --vad-only
 
 export: setup
 	$(BIN)/voicegate export --target cpu

@@ -89,6 +89,9 @@ class ServeProcess:
         # Prometheus metrics stay on (as deployed) but on a port of their own, so that several
         # servers can run side by side (ignored by a server without the setting).
         env.setdefault("VOICEGATE_METRICS_PORT", str(free_port()))
+        # Throughput benchmarks drive up to 32 calls at once and measure the engine, not the
+        # admission bound (benchmarks/overload.py sets its own).
+        env.setdefault("VOICEGATE_MAX_INFLIGHT_REQUESTS", "256")
         command = [
             sys.executable,
             "-m",

@@ -246,10 +246,12 @@ def _cpu_figures(used: dict[str, float], elapsed: float, count: int) -> dict[str
 
 def embed_clip(encoder: Any, clip: bytes) -> np.ndarray:
     """The service's work for one clip, in process: decode, prepare, ORT, average."""
-    from server.audio import decode_content
+    from server.audio import AudioLimits, decode_content
     from server.features import prepare_utterance
 
-    result: np.ndarray = encoder.embed(prepare_utterance(decode_content(clip, 600.0), 0.5))
+    result: np.ndarray = encoder.embed(
+        prepare_utterance(decode_content(clip, AudioLimits(max_seconds=600.0)), 0.5)
+    )
     return result
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from export import evaluation, validation
+from export import evaluation, vad, validation
 from export import repository as repo
 from export.devdata import DevSet, load_dev_set
 from server.errors import ExportError
@@ -36,6 +36,7 @@ def run_export(
     validation_utterances: int = 40,
     trial_recordings: int | None = None,
     throughput_rounds: int = 3,
+    vad_only: bool = False,
 ) -> dict[str, Any]:
     """Export, validate and install the `target` models; returns the report (also printed).
 
@@ -44,7 +45,11 @@ def run_export(
     validation_utterances: whole dev utterances for the cosine checks (the first in name order).
     trial_recordings: dev recordings whose halves make the EER trials (None: every recording
     not used for calibration). throughput_rounds: rounds of the partials/s comparison.
+    vad_only: build, validate and install only the Silero VAD model (seconds instead of a
+    minute; `make` uses it when only that model is missing), leaving the encoders as they are.
     """
+    if vad_only:
+        return run_vad_export(target, repository, data_dir)
     import onnx
     import onnxruntime
     import torch
@@ -112,10 +117,59 @@ def run_export(
             name: {"model": name, **common, **figures, **summary}
             for name, figures in models.items()
         }
+        files[vad.MODEL_NAME], figures = vad.build_and_validate(work, dev.data_dir if dev else None)
+        reports[vad.MODEL_NAME] = {"model": vad.MODEL_NAME, **common, **figures}
         report["models"] = repo.write_repository(repository, target, files, reports)
     report["export_seconds"] = round(time.perf_counter() - started, 1)
     print_summary(report)
     return report
+
+
+def run_vad_export(
+    target: str = "cpu", repository: Path | None = None, data_dir: Path | None = None
+) -> dict[str, Any]:
+    """Only the Silero VAD model: build, validate (export/vad.py) and install it."""
+    import onnx
+    import onnxruntime
+
+    from export.devdata import resolve_data_dir
+
+    repo.check_target(target)
+    repository = repository or repo.DEFAULT_REPOSITORY[target]
+    repo.check_no_other_target(repository, target)
+    started = time.perf_counter()
+    data_dir = resolve_data_dir(data_dir)
+    common = {
+        "target": target,
+        "versions": {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__},
+        "data": {"data_dir": str(data_dir) if data_dir else None},
+    }
+    with tempfile.TemporaryDirectory(prefix="voicegate-export-") as scratch:
+        path, figures = vad.build_and_validate(Path(scratch), data_dir)
+        models = repo.write_repository(
+            repository, target, {vad.MODEL_NAME: path}, {vad.MODEL_NAME: {**common, **figures}}
+        )
+    report = {
+        **common,
+        "repository": str(repository),
+        "models": models,
+        "export_seconds": round(time.perf_counter() - started, 1),
+    }
+    print(
+        f"voicegate export: {vad.MODEL_NAME} ({target}) → {repository} in "
+        f"{report['export_seconds']} s"
+    )
+    print(_vad_summary(models[vad.MODEL_NAME]))
+    return report
+
+
+def _vad_summary(info: dict[str, Any]) -> str:
+    chunk, batch = info["vs_per_chunk"], info["batch_invariance"]
+    return (
+        f"  {vad.MODEL_NAME}: max abs diff {chunk['max_abs_diff']:.2g} to the per-chunk "
+        f"silero_vad.onnx over {chunk['frames']} frames (limit {chunk['limit']:g}), batch "
+        f"dependence {batch['max_abs_diff']:.2g} (limit {batch['limit']:g})"
+    )
 
 
 def check_fp32(encoder: Any, fp32: Path, dev: DevSet | None) -> dict[str, Any]:
@@ -409,6 +463,8 @@ def print_summary(report: dict[str, Any]) -> None:
         )
     for name, info in report["models"].items():
         lines.append(f"  {name}: {info['precision']}")
+        if name == vad.MODEL_NAME:
+            lines.append(_vad_summary(info))
         ratio = info.get("throughput", {}).get(f"speedup_vs_fp32_at_{THROUGHPUT_BATCHES[-1]}")
         if ratio:
             lines.append(f"    {ratio:.2f}x fp32's partials/s at batch {THROUGHPUT_BATCHES[-1]}")

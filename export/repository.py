@@ -15,10 +15,13 @@ from server.errors import ExportError
 # cpu: the Triton bundled in nvidia-pytriton (Python backend only), int8 is the served default.
 # gpu: the NGC Triton container's ONNX Runtime backend; dynamic int8 has no CUDA kernels there,
 # so fp16 on the CUDA provider, and the fp32 ONNX through the TensorRT provider in FP16.
-TARGET_MODELS = {
+ENCODER_MODELS = {
     "cpu": ("ge2e_int8", "ge2e_fp32"),
     "gpu": ("ge2e_fp32", "ge2e_fp16", "ge2e_trt_fp16"),
 }
+# Silero VAD (export/vad.py), fp32 on both targets.
+VAD_MODEL = triton_config.VAD_MODEL
+TARGET_MODELS = {target: (*names, VAD_MODEL) for target, names in ENCODER_MODELS.items()}
 DEFAULT_REPOSITORY = {"cpu": Path("model_repository"), "gpu": Path("build/model_repository_gpu")}
 MODEL_PY_SOURCE = Path(__file__).with_name("triton_python_model.py")
 VERSION = "1"
@@ -66,10 +69,14 @@ def check_no_other_target(repository: Path, target: str) -> None:
 def write_repository(
     repository: Path, target: str, onnx_files: dict[str, Path], reports: dict[str, dict[str, Any]]
 ) -> dict[str, dict[str, Any]]:
-    """Install each model's ONNX file, config (and model.py) and export_report.json."""
+    """Install each model's ONNX file, config (and model.py) and export_report.json.
+
+    Writes the target's models found in `onnx_files` (an export of only some models leaves the
+    others as they are).
+    """
     files = committed_files(target)
     written: dict[str, dict[str, Any]] = {}
-    for name in TARGET_MODELS[target]:
+    for name in (n for n in TARGET_MODELS[target] if n in onnx_files):
         version_dir = repository / name / VERSION
         data = onnx_files[name].read_bytes()
         _write(version_dir / "model.onnx", data)

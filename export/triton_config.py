@@ -12,6 +12,9 @@ from typing import Any
 
 MAX_BATCH_SIZE = 64
 FRAMES, MELS, EMBEDDING = 160, 40, 256
+# Silero VAD (export/vad.py): frames of 64 context + 512 new samples, LSTM state h and c of 128.
+VAD_MODEL = "silero_vad"
+VAD_FRAME_WIDTH, VAD_HIDDEN = 576, 128
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,36 @@ GPU_BATCHING = Batching(
     ),
 )
 
+# Silero VAD. Figures: `python -m benchmarks.vad_model` (benchmarks/README.md, "Silero VAD").
+VAD_CPU_BATCHING = Batching(
+    queue_delay_us=0,
+    instances=1,
+    kind="KIND_CPU",
+    intra_op_threads=1,
+    reason=(
+        "Batching: a frame costs ~60 us of one core in ORT, a Triton request ~1 ms of CPU",
+        "(client, gRPC, Python backend), so the front server sends windows of 64 frames (2 s",
+        "of audio; CPU per frame 1.5x the in-process model's, 1 frame per request 16x).",
+        "Windows that queue while the instance runs go together into its next run (same W,",
+        "rows independent), so no queue delay: waiting for batch-mates would cost latency",
+        "and save no CPU. One instance, one thread: the encoders need the other core.",
+    ),
+)
+
+VAD_GPU_BATCHING = Batching(
+    queue_delay_us=500,
+    instances=1,
+    kind="KIND_GPU",
+    intra_op_threads=None,
+    reason=(
+        "Batching: not measured with ONNX Runtime's CUDA provider (none was at hand). Proxy:",
+        "the same network in torch 2.11 + cuDNN on an H100 took 0.52-0.59 ms per batch for",
+        "any window of 1-64 frames and 1-32 windows (0.77 ms at 64 x 64): launch-bound, so",
+        "throughput grows with the batch. A 0.5 ms wait, one run's time, fills batches for",
+        "little latency (a 64-frame window holds 2 s of audio). Tune with perf_analyzer.",
+    ),
+)
+
 DESCRIPTIONS = {
     "ge2e_int8": (
         "GE2E speaker encoder, int8 and batch-invariant: ONNX Runtime's int8 LSTM with its",
@@ -79,6 +112,13 @@ DESCRIPTIONS = {
     "ge2e_trt_fp16": (
         "GE2E speaker encoder, the fp32 ONNX run by ONNX Runtime's TensorRT provider, which",
         "builds an FP16 engine at load (the first load takes a while: the engine is cached).",
+    ),
+    VAD_MODEL: (
+        "Silero VAD 16 kHz (silero-vad 6.2.3), fp32: one speech probability per 32 ms frame.",
+        "A request is one window of W consecutive frames of one stream (512 new samples after",
+        "the previous frame's last 64) and that stream's LSTM state; the front server carries",
+        "state_out into the stream's next window. Rows of a batch never mix (checked at export).",
+        "See export/vad.py and 1/export_report.json.",
     ),
 }
 
@@ -97,8 +137,9 @@ TENSORRT_FP16 = {
 GPU_ACCELERATORS = {"ge2e_trt_fp16": ("tensorrt", TENSORRT_FP16)}
 
 
-def cpu_config(name: str, batching: Batching = CPU_BATCHING) -> str:
+def cpu_config(name: str, batching: Batching | None = None) -> str:
     """A Python-backend model that runs its `model.onnx` with ONNX Runtime (see model.py)."""
+    batching = batching or (VAD_CPU_BATCHING if name == VAD_MODEL else CPU_BATCHING)
     threads = batching.intra_op_threads or 1
     return _config(
         name,
@@ -116,8 +157,9 @@ def cpu_config(name: str, batching: Batching = CPU_BATCHING) -> str:
     )
 
 
-def gpu_config(name: str, batching: Batching = GPU_BATCHING) -> str:
+def gpu_config(name: str, batching: Batching | None = None) -> str:
     """A model for Triton's native ONNX Runtime backend (NGC container) on the GPU."""
+    batching = batching or (VAD_GPU_BATCHING if name == VAD_MODEL else GPU_BATCHING)
     accelerator = GPU_ACCELERATORS.get(name)
     return _config(
         name,
@@ -143,6 +185,34 @@ def _accelerator(name: str, parameters: dict[str, str]) -> tuple[str, ...]:
     )
 
 
+def _io(name: str) -> tuple[str, ...]:
+    if name == VAD_MODEL:
+        return (
+            "# One request is one stream's window [1, W, 576] with its state [1, 2, 128]; the",
+            "# batcher merges windows of the same W from different streams (W = -1: any length).",
+            *_tensors("input", [("frames", [-1, VAD_FRAME_WIDTH]), ("state", [2, VAD_HIDDEN])]),
+            *_tensors("output", [("probabilities", [-1]), ("state_out", [2, VAD_HIDDEN])]),
+        )
+    return (
+        "# One request is one utterance's partials [n, 160, 40], n <= max_batch_size.",
+        *_tensors("input", [("mels", [FRAMES, MELS])]),
+        *_tensors("output", [("embedding", [EMBEDDING])]),
+    )
+
+
+def _tensors(kind: str, tensors: list[tuple[str, list[int]]]) -> tuple[str, ...]:
+    lines = [f"{kind} ["]
+    for index, (tensor, dims) in enumerate(tensors):
+        lines += [
+            "  {",
+            f'    name: "{tensor}"',
+            "    data_type: TYPE_FP32",
+            f"    dims: [ {', '.join(str(d) for d in dims)} ]",
+            "  }" + ("," if index < len(tensors) - 1 else ""),
+        ]
+    return (*lines, "]")
+
+
 def parse_config(text: str) -> Any:
     """`ModelConfig` message of a config.pbtxt; raises text_format.ParseError when invalid."""
     from google.protobuf import text_format
@@ -164,21 +234,7 @@ def _config(
         f'name: "{name}"',
         *header,
         f"max_batch_size: {MAX_BATCH_SIZE}",
-        "# One request is one utterance's partials [n, 160, 40], n <= max_batch_size.",
-        "input [",
-        "  {",
-        '    name: "mels"',
-        "    data_type: TYPE_FP32",
-        f"    dims: [ {FRAMES}, {MELS} ]",
-        "  }",
-        "]",
-        "output [",
-        "  {",
-        '    name: "embedding"',
-        "    data_type: TYPE_FP32",
-        f"    dims: [ {EMBEDDING} ]",
-        "  }",
-        "]",
+        *_io(name),
         *(f"# {line}" for line in batching.reason),
         "dynamic_batching {",
         f"  max_queue_delay_microseconds: {batching.queue_delay_us}",

@@ -16,12 +16,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server.api.voicegate.v1 import speaker_pb2, speaker_pb2_grpc
+from server.admission import Admission, AdmissionInterceptor
+from server.api.voicegate.v1 import speaker_pb2, speaker_pb2_grpc, vad_pb2, vad_pb2_grpc
 from server.config import Settings
 from server.core import SpeakerCore
 from server.fusion import Calibration
 from server.grpc_errors import ErrorMappingInterceptor
 from server.grpc_telemetry import TelemetryInterceptor
+from server.health_service import DrainingHealthServicer
 from server.metrics import Metrics
 from server.security import TokenAuthInterceptor, server_credentials
 from server.servicer import SpeakerServicer
@@ -29,11 +31,15 @@ from server.speakers import SpeakerDirectory
 from server.telemetry import Telemetry, Tracing
 from server.triton_client import TritonEncoder
 from server.triton_process import EmbeddedTriton
+from server.vad_core import VoiceActivityCore
+from server.vad_model import TritonVad
+from server.vad_servicer import VoiceActivityServicer
 
 log = logging.getLogger(__name__)
 
 SPEAKER_SERVICE = speaker_pb2.DESCRIPTOR.services_by_name["SpeakerService"].full_name
-SERVICE_NAMES = (SPEAKER_SERVICE,)
+VAD_SERVICE = vad_pb2.DESCRIPTOR.services_by_name["VoiceActivityService"].full_name
+SERVICE_NAMES = (SPEAKER_SERVICE, VAD_SERVICE)
 # Liveness, for orchestrators: SERVING from start to shutdown whatever Triton's state, so a
 # Triton outage takes replicas out of rotation (readiness) without restarting them.
 LIVENESS_SERVICE = "voicegate.liveness"
@@ -47,6 +53,8 @@ def create_server(
     health_servicer: health.aio.HealthServicer,
     telemetry: Telemetry | None = None,
     directory: SpeakerDirectory | None = None,
+    admission: Admission | None = None,
+    vad: VoiceActivityCore | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """The gRPC server with every service registered, bound to settings.host:port.
 
@@ -54,9 +62,16 @@ def create_server(
     when that is 0. With `telemetry`, every call gets a server span and RPC metrics (the
     telemetry interceptor comes first so it sees the status code the error mapping settles on,
     and the refusals of the token check that follows it). TLS (mutual with a client CA) and
-    bearer tokens as the settings say; their files are read here, once.
+    bearer tokens as the settings say; their files are read here, once. Work calls beyond the
+    admission bounds (`admission`, else one from the settings) get RESOURCE_EXHAUSTED at once.
     """
-    interceptors: list[grpc.aio.ServerInterceptor] = [ErrorMappingInterceptor()]
+    if admission is None:
+        admission = Admission.from_settings(settings, telemetry.metrics if telemetry else None)
+    # Outermost first: telemetry, token check, admission (no slot for a refused token), errors.
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        AdmissionInterceptor(admission),
+        ErrorMappingInterceptor(),
+    ]
     auth = TokenAuthInterceptor.from_settings(settings)  # reads the token file, once
     if auth is not None:
         interceptors.insert(0, auth)  # after telemetry, which then records the refusals
@@ -72,6 +87,8 @@ def create_server(
         ],
     )
     speaker_pb2_grpc.add_SpeakerServiceServicer_to_server(SpeakerServicer(core, directory), server)
+    if vad is not None:  # VoiceActivityService (server/vad_servicer.py)
+        vad_pb2_grpc.add_VoiceActivityServiceServicer_to_server(VoiceActivityServicer(vad), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -100,12 +117,15 @@ class VoicegateApp:
         self.metrics_port: int | None = None
         self.tracing = tracing
         self._owns_tracing = tracing is None
-        self.health = health.aio.HealthServicer()
+        self.health = DrainingHealthServicer()
+        self.admission = Admission.from_settings(settings, self.metrics)
         self.triton: EmbeddedTriton | None = None
         self._executor = ThreadPoolExecutor(
             settings.preprocess_workers, thread_name_prefix="preprocess"
         )
         self._encoder: TritonEncoder | None = None
+        self.vad: VoiceActivityCore | None = None  # VoiceActivityService's core
+        self.core: SpeakerCore | None = None  # SpeakerService's core
         self.speakers: SpeakerDirectory | None = None
         self._server: grpc.aio.Server | None = None
         self._monitor: asyncio.Task[None] | None = None
@@ -140,7 +160,7 @@ class VoicegateApp:
         if settings.embedded_triton:
             self.triton = EmbeddedTriton(
                 settings,
-                models=list(settings.encoder_models),
+                models=list(settings.triton_models),
                 extra_args=tracing.triton_trace_args(settings.triton_trace_rate),
             )
         calibration = Calibration.load(settings.calibration_file)
@@ -148,11 +168,19 @@ class VoicegateApp:
             settings.triton_url or "127.0.0.1:1",
             timeout_s=settings.triton_timeout_s,
             telemetry=telemetry,
+            retries=settings.triton_retries,
+            retry_base_s=settings.triton_retry_base_s,
         )
-        core = SpeakerCore(settings, self._encoder, calibration, self._executor, telemetry)
+        vad_model = TritonVad(self._encoder, settings.vad_model)
+        # trim="vad": Embed, Verify, Enroll, Identify and StreamingEmbed trim with the VAD too
+        self.core = SpeakerCore(
+            settings, self._encoder, calibration, self._executor, telemetry, vad=vad_model
+        )
+        core = self.core
+        self.vad = VoiceActivityCore(settings, vad_model, self._executor, telemetry)
         self.speakers = await SpeakerDirectory.open(settings, core, self._encoder.model_version)
         self._server, self.port = create_server(
-            settings, core, self.health, telemetry, self.speakers
+            settings, core, self.health, telemetry, self.speakers, self.admission, self.vad
         )
         await self._server.start()
         if self.triton is not None:
@@ -162,13 +190,13 @@ class VoicegateApp:
             self._encoder.set_url(self.triton.grpc_url)
         await core.warm_up()
         self._monitor = asyncio.create_task(self._watch_backend(), name="health-monitor")
-        if not await self._encoder.is_ready(settings.encoder_models):
+        if not await self._encoder.is_ready(settings.triton_models):
             log.warning("Triton at %s is not ready yet; health stays NOT_SERVING", self.triton_url)
         else:
             await self._set_health(SERVING)
         log.info(
             "voicegate ready: gRPC on port %d (%s, %s), metrics %s, Triton at %s (%s), "
-            "encoders %s, traces %s",
+            "encoders %s, VAD %s, traces %s",
             self.port,
             ("mutual TLS" if settings.tls_client_ca_file else "TLS")
             if settings.tls
@@ -180,6 +208,7 @@ class VoicegateApp:
             if self.triton
             else "external",
             ", ".join(settings.encoder_models),
+            settings.vad_model,
             f"to {tracing.traces_endpoint}" if tracing.exporting else "not exported",
         )
 
@@ -200,16 +229,22 @@ class VoicegateApp:
             )
 
     async def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING first, let in-flight calls finish within `grace`, then stop Triton."""
+        """NOT_SERVING first, let in-flight calls finish within `grace`, then stop Triton.
+
+        Health turns NOT_SERVING for good (health watchers get it and their streams end), the
+        server stops accepting calls (new ones fail UNAVAILABLE), the calls in flight get up to
+        `grace` seconds to finish (then they are cancelled), and only then Triton stops.
+        """
         grace = self.settings.grace_seconds if grace is None else grace
-        await self._set_health(NOT_SERVING)
-        await self.health.set(LIVENESS_SERVICE, NOT_SERVING)
-        if self._monitor is not None:
+        if self._monitor is not None:  # first: it must not set SERVING again meanwhile
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._monitor
             self._monitor = None
+        await self.health.enter_graceful_shutdown()  # liveness too; later set() is ignored
         if self._server is not None:
+            if self.admission.in_flight:
+                log.info("draining %d call(s) in flight", self.admission.in_flight)
             await self._server.stop(grace)
             self._server = None
         if self.speakers is not None:
@@ -232,7 +267,7 @@ class VoicegateApp:
         serving: bool | None = None
         misses = 0
         while True:
-            ready = await self._encoder.is_ready(self.settings.encoder_models)
+            ready = await self._encoder.is_ready(self.settings.triton_models)
             misses = 0 if ready else misses + 1
             # One slow probe on a loaded machine is no outage: NOT_SERVING after two misses
             # in a row, or at once when our own Triton process is known to be down.

@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--data-dir", type=Path, help="dev speech (env VOICEGATE_DATA_DIR)")
     export.add_argument("--validation-utterances", type=int, default=40)
+    export.add_argument(
+        "--vad-only",
+        action="store_true",
+        help="build and install only the Silero VAD model, leaving the encoders as they are",
+    )
 
     calibrate = commands.add_parser("calibrate", help="fit score fusion and threshold")
     calibrate.add_argument("--data-dir", type=Path, help="dev speech (env VOICEGATE_DATA_DIR)")
@@ -206,6 +211,7 @@ def _export(args: argparse.Namespace) -> int:
         repository=args.repository,
         data_dir=settings.data_dir,
         validation_utterances=args.validation_utterances,
+        vad_only=args.vad_only,
     )
     return 0
 

@@ -15,6 +15,9 @@ from typing import Any
 
 from server.errors import ConfigError
 
+if typing.TYPE_CHECKING:
+    from server.audio import AudioLimits
+
 ENV_PREFIX = "VOICEGATE_"
 
 
@@ -26,7 +29,14 @@ class Settings:
     host: str = "[::]"
     port: int = 50051
     grace_seconds: float = 10.0
+    # The largest request (and response) message: gRPC itself refuses a larger one with
+    # RESOURCE_EXHAUSTED before any of our code runs
     max_message_bytes: int = 32 * 1024 * 1024
+    # Admission control of the work RPCs (Embed, Verify, Enroll, Identify, ...): beyond either
+    # bound a call is refused at once with RESOURCE_EXHAUSTED instead of queueing. The bytes
+    # are the serialized requests of the calls in flight (a larger call is admitted alone).
+    max_inflight_requests: int = 8
+    max_inflight_bytes: int = 256 * 1024 * 1024
     log_level: str = "INFO"
 
     # Security: TLS (cert and key, both or neither), mutual TLS (client CA: client certificates
@@ -48,13 +58,28 @@ class Settings:
     triton_startup_timeout_s: float = 180.0
     triton_timeout_s: float = 30.0
     health_poll_s: float = 1.0
+    # Retries of a Triton request that failed UNAVAILABLE (inference is a pure function, so a
+    # retry is safe): exponential backoff from the base delay, full jitter, within the deadline
+    triton_retries: int = 2
+    triton_retry_base_s: float = 0.05
 
     # Models and preprocessing
     encoder_model: str = "ge2e_int8"
     encoder_models: tuple[str, ...] = ("ge2e_int8", "ge2e_fp32")
+    vad_model: str = "silero_vad"  # Silero VAD in Triton (server/vad_model.py)
     preprocess_workers: int = 2
-    min_speech_seconds: float = 0.5
-    max_audio_seconds: float = 600.0
+    # Audio limits (`audio_limits`), checked from headers and byte lengths before decoding
+    min_speech_seconds: float = 0.5  # after silence trimming
+    max_audio_seconds: float = 600.0  # before trimming
+    min_sample_rate_hz: int = 8_000
+    max_sample_rate_hz: int = 192_000
+    max_channels: int = 8
+    # Silence trimming of Embed, Verify and the speaker RPCs: "energy" (40 dB below the
+    # recording's loudest 30 ms) or "vad" (Silero VAD speech segments, through Triton)
+    trim: str = "energy"
+    # Longest audio one stream (StreamingEmbed, StreamingDetectSpeech) may send; the call fails
+    # at once when it is passed. Bounds the memory a stream holds (server/streaming_embed.py)
+    max_stream_seconds: float = 1800.0
     calibration_file: Path | None = None
 
     # Speaker store (enrolled voiceprints): sqlite:///PATH (relative, or sqlite:////ABSOLUTE)
@@ -90,21 +115,47 @@ class Settings:
             "needs TLS: set tls_cert_file and tls_key_file as well",
         )
         _require(self.grace_seconds >= 0, "grace_seconds", "must be >= 0")
-        _require(self.max_message_bytes >= 1024, "max_message_bytes", "must be >= 1024")
+        _require(
+            1024 <= self.max_message_bytes <= 2**31 - 1,
+            "max_message_bytes",
+            "must be 1024..2147483647 (gRPC's limit is a 32-bit integer)",
+        )
         _require(self.triton_timeout_s > 0, "triton_timeout_s", "must be > 0")
         _require(self.triton_startup_timeout_s > 0, "triton_startup_timeout_s", "must be > 0")
         _require(self.health_poll_s > 0, "health_poll_s", "must be > 0")
+        _require(self.max_inflight_requests >= 1, "max_inflight_requests", "must be >= 1")
+        _require(self.max_inflight_bytes >= 1024, "max_inflight_bytes", "must be >= 1024")
+        _require(self.triton_retries >= 0, "triton_retries", "must be >= 0")
+        _require(self.triton_retry_base_s > 0, "triton_retry_base_s", "must be > 0")
         _require(self.preprocess_workers >= 1, "preprocess_workers", "must be >= 1")
         _require(self.min_speech_seconds > 0, "min_speech_seconds", "must be > 0")
+        _require(self.trim in {"energy", "vad"}, "trim", "must be energy or vad")
+        _require(
+            self.max_stream_seconds > self.min_speech_seconds,
+            "max_stream_seconds",
+            "must exceed min_speech_seconds",
+        )
         _require(
             self.max_audio_seconds > self.min_speech_seconds,
             "max_audio_seconds",
             "must exceed min_speech_seconds",
         )
         _require(
+            1_000 <= self.min_sample_rate_hz <= self.max_sample_rate_hz,
+            "min_sample_rate_hz",
+            "must be >= 1000 and <= max_sample_rate_hz",
+        )
+        _require(self.max_sample_rate_hz <= 768_000, "max_sample_rate_hz", "must be <= 768000")
+        _require(1 <= self.max_channels <= 64, "max_channels", "must be 1..64")
+        _require(
             self.encoder_model in self.encoder_models,
             "encoder_model",
             f"must be one of encoder_models {list(self.encoder_models)}",
+        )
+        _require(
+            bool(self.vad_model) and self.vad_model not in self.encoder_models,
+            "vad_model",
+            "must be a model name other than the encoders'",
         )
         _require(
             self.log_level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"},
@@ -121,6 +172,25 @@ class Settings:
         if self.triton_url is not None:
             host, _, port = self.triton_url.rpartition(":")
             _require(bool(host) and port.isdigit(), "triton_url", "must be HOST:PORT")
+
+    @property
+    def triton_models(self) -> tuple[str, ...]:
+        """Every Triton model the service uses: the encoders and the VAD (loaded, and required
+        ready for SERVING)."""
+        return (*self.encoder_models, self.vad_model)
+
+    @property
+    def audio_limits(self) -> AudioLimits:
+        """The limits a request's audio is held to (decoding and silence trimming)."""
+        from server.audio import AudioLimits
+
+        return AudioLimits(
+            max_seconds=self.max_audio_seconds,
+            min_sample_rate_hz=self.min_sample_rate_hz,
+            max_sample_rate_hz=self.max_sample_rate_hz,
+            max_channels=self.max_channels,
+            min_speech_seconds=self.min_speech_seconds,
+        )
 
     @property
     def speaker_store_url(self) -> str:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterable, Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol, TypeVar
 
 import numpy as np
@@ -24,10 +25,12 @@ from server.features import (
     average_embedding,
     partial_windows,
     require_speech,
+    segments_speech,
     trim_silence,
 )
 from server.fusion import Calibration
 from server.mfcc import mfcc_score, mfcc_statistics
+from server.streaming_embed import StreamingEmbedSession, vad_features
 from server.telemetry import (
     ATTR_AUDIO_BYTES,
     ATTR_AUDIO_FIELD,
@@ -39,6 +42,8 @@ from server.telemetry import (
     DISABLED,
     Telemetry,
 )
+from server.vad import FRAME_SAMPLES, VadParams
+from server.vad_core import SpeechProbabilities, StreamSpec
 
 AudioInput = bytes | RawAudioSpec
 T = TypeVar("T")
@@ -93,12 +98,21 @@ class SpeakerCore:
         calibration: Calibration,
         executor: Executor,
         telemetry: Telemetry | None = None,
+        vad: SpeechProbabilities | None = None,
     ) -> None:
+        """`vad`: Silero VAD, required with the setting trim="vad" (silero's default segment
+        rules, `vad.VadParams()`)."""
+        if settings.trim == "vad" and vad is None:
+            raise ValueError('trim="vad" needs a VAD')
         self._settings = settings
         self._encoder = encoder
         self._calibration = calibration
         self._executor = executor
         self._telemetry = telemetry or DISABLED
+        self._vad = vad if settings.trim == "vad" else None
+        self._vad_params = VadParams()
+        self._vad_window_frames = int(getattr(vad, "window_frames", 32))  # its Triton requests
+        self.active_streams = 0  # StreamingEmbed calls open now
 
     @property
     def telemetry(self) -> Telemetry:
@@ -172,6 +186,115 @@ class SpeakerCore:
         assert prepared.mfcc is not None
         return result, prepared.mfcc
 
+    async def embed_stream(
+        self,
+        spec: StreamSpec,
+        chunks: AsyncIterable[bytes],
+        model: str | None = None,
+        timeout_s: float | None = None,
+    ) -> EmbedResult:
+        """The embedding of a recording that arrives as raw chunks: Embed's for the whole
+        recording (within float rounding), computed as the chunks come (trim "vad"), or from
+        the decoded audio kept until the end (trim "energy"); see server/streaming_embed.py.
+
+        Cancelling the caller's task (a client gone) stops the work at the next await: no
+        Triton request is sent after it, and the session's memory goes with it.
+        """
+        deadline = _deadline(timeout_s)
+        model = self._check_model(model)
+        settings = self._settings
+        vad = self._vad
+        session = StreamingEmbedSession(
+            spec,
+            settings,
+            vad_params=self._vad_params,
+            vad_window_frames=self._vad_window_frames,
+        )
+        metrics = self._telemetry.metrics
+        held = 0
+
+        def account() -> None:
+            nonlocal held
+            if metrics is not None:
+                now = session.nbytes
+                metrics.streaming_bytes.inc(now - held)
+                held = now
+
+        self.active_streams += 1
+        if metrics is not None:
+            metrics.streaming_sessions.inc()
+        try:
+            async for chunk in chunks:
+                _remaining(deadline)
+                if not chunk:
+                    continue
+                await self._run(partial(session.feed, chunk), deadline)
+                if vad is not None:
+                    await self._stream_vad(session, vad, False, deadline)
+                account()
+            await self._run(session.end, deadline)
+            self._telemetry.count_audio("decoded", session.decoded_seconds)
+            min_speech = settings.audio_limits.min_speech_seconds
+            if vad is None:
+                wav = session.audio()
+                prepared = await self._run(
+                    lambda: _prepare_wave(wav, min_speech, False, self._telemetry), deadline
+                )
+                partials = prepared.utterance.partials
+                speech_seconds = prepared.utterance.speech_seconds
+            else:
+                await self._stream_vad(session, vad, True, deadline)
+                # the speech itself is gone: a zero-strided stand-in of its length
+                samples = np.broadcast_to(np.float32(0), (session.speech_samples,))
+                speech_seconds = require_speech(samples, min_speech)
+                self._telemetry.count_audio("speech", speech_seconds)
+                with self._telemetry.stage("features") as span:
+                    partials = await self._run(session.partials, deadline)
+                    span.set_attribute(ATTR_PARTIAL_COUNT, len(partials))
+            account()
+            with self._telemetry.timed("triton"):
+                embeddings = await self._encoder.embed_partials(
+                    partials, model, timeout_s=_remaining(deadline)
+                )
+        finally:
+            self.active_streams -= 1
+            if metrics is not None:
+                metrics.streaming_sessions.dec()
+                metrics.streaming_bytes.dec(held)
+        self._telemetry.annotate(
+            {
+                ATTR_MODEL: model,
+                ATTR_SPEECH_SECONDS: speech_seconds,
+                ATTR_PARTIAL_COUNT: len(partials),
+            }
+        )
+        return EmbedResult(
+            embedding=average_embedding(embeddings),
+            model=model,
+            speech_seconds=speech_seconds,
+            partial_count=len(partials),
+        )
+
+    async def _stream_vad(
+        self,
+        session: StreamingEmbedSession,
+        vad: SpeechProbabilities,
+        final: bool,
+        deadline: float | None,
+    ) -> None:
+        """Send the stream's whole VAD windows (`final`: all that is left) and hand their
+        probabilities to the session, which turns decided speech into mel frames."""
+        while (window := session.vad_window(final)) is not None:
+            samples, count = window
+            with self._telemetry.timed("vad"):
+                probabilities, state = await vad.probabilities(
+                    samples, session.vad_state(), timeout_s=_remaining(deadline)
+                )
+            accept = partial(session.accept_probabilities, probabilities, count, state, final)
+            await self._run(accept, deadline)
+            if final:
+                return
+
     async def warm_up(self) -> None:
         """Run the preprocessing once so JIT compilation does not land on a caller."""
         rng = np.random.default_rng(0)
@@ -184,7 +307,9 @@ class SpeakerCore:
             return self._settings.encoder_model
         if model not in self._settings.encoder_models:
             served = list(self._settings.encoder_models)
-            raise InvalidArgument(f"model {model!r} is not served; choose one of {served}")
+            raise InvalidArgument(
+                f"model {model!r} is not served; choose one of {served}", field="model"
+            )
         return model
 
     async def _prepare(
@@ -192,18 +317,19 @@ class SpeakerCore:
     ) -> _Prepared:
         settings = self._settings
         telemetry = self._telemetry
+        limits = settings.audio_limits
         if isinstance(audio, RawAudioSpec):
             decode: Callable[[], np.ndarray] = lambda: decode_raw(  # noqa: E731
-                audio, settings.max_audio_seconds, f"{field}.raw"
+                audio, limits, f"{field}.raw", deadline
             )
             source, size = "raw", len(audio.samples)
         else:
             decode = lambda: decode_content(  # noqa: E731
-                audio, settings.max_audio_seconds, f"{field}.content"
+                audio, limits, f"{field}.content", deadline
             )
             source, size = "content", len(audio)
 
-        def work() -> _Prepared:
+        def decoded() -> np.ndarray:
             attributes: dict[str, str | int] = {
                 ATTR_AUDIO_FIELD: field,
                 ATTR_AUDIO_SOURCE: source,
@@ -214,9 +340,22 @@ class SpeakerCore:
                 seconds = len(wav) / SAMPLE_RATE
                 span.set_attribute(ATTR_AUDIO_SECONDS, seconds)
             telemetry.count_audio("decoded", seconds)
-            return _prepare_wave(wav, settings.min_speech_seconds, with_mfcc, telemetry, field)
+            return wav
 
-        return await self._run(work, deadline)
+        min_speech = limits.min_speech_seconds
+        if self._vad is None:  # trim "energy": decode and prepare in one trip to the pool
+            return await self._run(
+                lambda: _prepare_wave(decoded(), min_speech, with_mfcc, telemetry, field), deadline
+            )
+        wav = await self._run(decoded, deadline)
+        with telemetry.stage("vad", {ATTR_AUDIO_FIELD: field}):
+            probabilities, _ = await self._vad.probabilities(
+                _whole_frames(wav), timeout_s=_remaining(deadline)
+            )
+        vad = (probabilities, self._vad_params, self._vad_window_frames)
+        return await self._run(
+            lambda: _prepare_wave(wav, min_speech, with_mfcc, telemetry, field, vad), deadline
+        )
 
     async def _embed_prepared(
         self, prepared: _Prepared, model: str, deadline: float | None
@@ -250,22 +389,42 @@ def _prepare_wave(
     with_mfcc: bool,
     telemetry: Telemetry = DISABLED,
     field: str = "audio",
+    vad: tuple[np.ndarray, VadParams, int] | None = None,
 ) -> _Prepared:
-    """`features.prepare_utterance`, step by step so that each step gets its span."""
+    """`features.prepare_utterance`, step by step so that each step gets its span.
+
+    `vad`: the recording's VAD probabilities (one per 512 samples), segment rules and the VAD
+    client's window: the speech is then its VAD segments (trim "vad"), and its mel frames are
+    computed as StreamingEmbed computes them (`streaming_embed.vad_features`, during "trim").
+    """
     attributes = {ATTR_AUDIO_FIELD: field}
+    features = None
     with telemetry.stage("trim", attributes) as span:
-        speech = trim_silence(normalize_volume(wav))
+        if vad is None:
+            speech = trim_silence(normalize_volume(wav))
+        else:
+            features = vad_features(wav, *vad)
+            segments = [(s.start_sample, s.end_sample) for s in features.segments]
+            speech = segments_speech(normalize_volume(wav), segments)
+            if len(speech) != features.speech_samples:
+                raise RuntimeError(f"VAD speech {len(speech)} != {features.speech_samples}")
         span.set_attribute(ATTR_SPEECH_SECONDS, len(speech) / SAMPLE_RATE)
-        seconds = require_speech(speech, min_speech_seconds)
+        seconds = require_speech(speech, min_speech_seconds, field)
     telemetry.count_audio("speech", seconds)
     with telemetry.stage("features", attributes) as span:
-        partials = partial_windows(speech)
+        partials = partial_windows(speech) if features is None else features.partials()
         span.set_attribute(ATTR_PARTIAL_COUNT, len(partials))
     mfcc = None
     if with_mfcc:
         with telemetry.stage("mfcc", attributes):
             mfcc = mfcc_statistics(speech)
     return _Prepared(utterance=Utterance(speech=speech, partials=partials), mfcc=mfcc)
+
+
+def _whole_frames(wav: np.ndarray) -> np.ndarray:
+    """`wav` zero-padded to whole VAD frames, as silero pads its last chunk."""
+    short = -len(wav) % FRAME_SAMPLES
+    return np.pad(wav, (0, short)) if short else wav
 
 
 def _deadline(timeout_s: float | None) -> float | None:

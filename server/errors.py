@@ -39,9 +39,19 @@ class VoicegateError(Exception):
 
 
 class InvalidArgument(VoicegateError):
-    """The request is malformed: the message names the field and what is wrong."""
+    """The request is malformed: the message names the field and what is wrong.
+
+    `field` is the path of the offending request field (`audio.raw.sample_rate_hz`,
+    `audio[2].content`, `top_k`) and `description` what is wrong with it (default: the
+    message); the caller gets both as a `google.rpc.BadRequest` field violation.
+    """
 
     status = StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, message: str, *, field: str | None = None, description: str = "") -> None:
+        super().__init__(message)
+        self.field = field
+        self.description = description or message
 
 
 class InvalidAudio(InvalidArgument):
@@ -80,6 +90,15 @@ class BackendUnavailable(VoicegateError):
     """Triton cannot be reached or its models are not ready."""
 
     status = StatusCode.UNAVAILABLE
+
+
+class Overloaded(VoicegateError):
+    """The server is at its bound on work in flight: the call is refused at once, not queued.
+
+    Safe to retry after a backoff (nothing was done), ideally on another replica.
+    """
+
+    status = StatusCode.RESOURCE_EXHAUSTED
 
 
 class DeadlineExceeded(VoicegateError):

@@ -7,6 +7,7 @@ n_fft 400 (25 ms), hop 160 (10 ms), 40 bands at 16 kHz; partials of 160 frames e
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -47,13 +48,15 @@ def prepare_utterance(wav: np.ndarray, min_speech_seconds: float = 0.5) -> Utter
     return Utterance(speech=speech, partials=partial_windows(speech))
 
 
-def require_speech(speech: np.ndarray, min_speech_seconds: float) -> float:
-    """The seconds of trimmed speech; NotEnoughSpeech below `min_speech_seconds`."""
+def require_speech(speech: np.ndarray, min_speech_seconds: float, field: str = "audio") -> float:
+    """The seconds of trimmed speech; NotEnoughSpeech (naming `field`, the request's audio)
+    below `min_speech_seconds`."""
     seconds = len(speech) / SAMPLE_RATE
     if seconds < min_speech_seconds:
         raise NotEnoughSpeech(
-            f"audio has {seconds:.2f} s of speech after silence trimming; "
-            f"at least {min_speech_seconds:.2f} s is needed"
+            f"{field} has {seconds:.2f} s of speech after silence trimming; "
+            f"at least {min_speech_seconds:.2f} s is needed",
+            field=field,
         )
     return seconds
 
@@ -79,11 +82,23 @@ def trim_silence(wav: np.ndarray) -> np.ndarray:
     return np.concatenate([wav[start:end] for start, end in merged]).astype(np.float32)
 
 
-def power_mel(wav: np.ndarray) -> np.ndarray:
-    """Power mel spectrogram, frames first: [n_frames, 40] float32."""
+def segments_speech(wav: np.ndarray, segments: Sequence[tuple[int, int]]) -> np.ndarray:
+    """The samples [start, end) of each segment, concatenated (trim "vad": the VAD's speech
+    segments); an empty list gives an empty array."""
+    if not segments:
+        return wav[:0]
+    return np.concatenate([wav[start:end] for start, end in segments]).astype(np.float32)
+
+
+def power_mel(wav: np.ndarray, center: bool = True) -> np.ndarray:
+    """Power mel spectrogram, frames first: [n_frames, 40] float32.
+
+    `center`: frame t is centred on sample t * HOP, the signal zero-padded by N_FFT / 2 at both
+    ends (librosa's default); else frame t starts at sample t * HOP and only whole frames count.
+    """
     import librosa
 
-    spectrum = np.abs(librosa.stft(wav, n_fft=N_FFT, hop_length=HOP)) ** 2
+    spectrum = np.abs(librosa.stft(wav, n_fft=N_FFT, hop_length=HOP, center=center)) ** 2
     return (_mel_basis() @ spectrum).astype(np.float32).T
 
 

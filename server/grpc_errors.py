@@ -1,7 +1,10 @@
 """The one place where exceptions become gRPC status codes.
 
-A `VoicegateError` becomes its own status with its caller-safe message. Anything else is
-logged with its traceback and becomes an opaque INTERNAL: no stack trace reaches a client.
+A `VoicegateError` becomes its own status with its caller-safe message; an `InvalidArgument`
+also carries a `google.rpc.Status` with a `google.rpc.BadRequest` detail naming the field
+(`grpc-status-details-bin` trailer; clients read it with `grpc_status.rpc_status.from_call`).
+Anything else is logged with its traceback and becomes an opaque INTERNAL: no stack trace
+reaches a client.
 """
 
 from __future__ import annotations
@@ -11,8 +14,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
-from server.errors import StatusCode, VoicegateError
+from server.errors import InvalidArgument, StatusCode, VoicegateError
 from server.telemetry import record_error
 
 log = logging.getLogger(__name__)
@@ -26,11 +32,27 @@ def grpc_status(error: VoicegateError) -> grpc.StatusCode:
     return code
 
 
+def rich_status(error: InvalidArgument) -> grpc.Status:
+    """The status of an invalid request: its code and message, and a `google.rpc.BadRequest`
+    with one field violation (the field's path, when known, and what is wrong with it)."""
+    violation = error_details_pb2.BadRequest.FieldViolation(
+        field=error.field or "", description=error.description
+    )
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+    code = grpc_status(error)
+    status = status_pb2.Status(code=code.value[0], message=error.message, details=[detail])
+    result: grpc.Status = rpc_status.to_status(status)
+    return result
+
+
 async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
     """Abort the call with the status `exc` maps to (re-raises grpc's own abort)."""
     record_error(exc)  # on the RPC's server span (a no-op without tracing)
     if isinstance(exc, VoicegateError):
         log.info("%s failed: %s %s", method, exc.status.value, exc.message)
+        if isinstance(exc, InvalidArgument):
+            await context.abort_with_status(rich_status(exc))
         await context.abort(grpc_status(exc), exc.message)
     log.error("%s failed with an unexpected error", method, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
@@ -105,4 +127,11 @@ def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any
     return wrapped
 
 
-__all__ = ["ErrorMappingInterceptor", "StatusCode", "abort_with", "grpc_status", "rewrap_handler"]
+__all__ = [
+    "ErrorMappingInterceptor",
+    "StatusCode",
+    "abort_with",
+    "grpc_status",
+    "rewrap_handler",
+    "rich_status",
+]

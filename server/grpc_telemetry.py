@@ -3,10 +3,11 @@
 Installed first (outermost), ahead of `ErrorMappingInterceptor`, so that it sees the status
 code every call really ends with and that the error log lines are written inside the span.
 
-For each RPC of the API (not health checks or reflection, which only get metrics) it
-continues the caller's W3C `traceparent` from the request metadata and opens a SERVER span named
-`voicegate.v1.SpeakerService/Embed`, with the attributes of the OpenTelemetry RPC conventions
-(`rpc.system`, `rpc.service`, `rpc.method`, `rpc.grpc.status_code`, `network.peer.*`).
+For each RPC of the API, streaming ones included (not health checks or reflection, which only
+get metrics), it continues the caller's W3C `traceparent` from the request metadata and opens a
+SERVER span named `voicegate.v1.SpeakerService/Embed`, with the attributes of the OpenTelemetry
+RPC conventions (`rpc.system`, `rpc.service`, `rpc.method`, `rpc.grpc.status_code`,
+`network.peer.*`).
 
 opentelemetry-instrumentation-grpc's aio interceptor continues `traceparent` correctly as well
 (it extracts from the invocation metadata with the global propagator); this one is used instead
@@ -18,7 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from contextvars import Token
 from typing import Any
 
@@ -93,13 +95,21 @@ class _CallObserver:
         return wrapped
 
     def wrap_stream(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
-        # Streams get metrics only: no API method streams, and a context attached inside an
-        # async generator could be detached from another one.
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             began = self._begin()
+            span, parent = self._open_span(context) if self._traced else (None, None)
+            steps = aiter(behavior(request, context))
             code = "UNKNOWN"
             try:
-                async for response in behavior(request, context):
+                while True:
+                    # The span and the method label are current only while the handler runs a
+                    # step: a context variable set in an async generator would otherwise leak
+                    # to whoever resumes it across a yield.
+                    with self._current(span, parent):
+                        try:
+                            response = await anext(steps)
+                        except StopAsyncIteration:
+                            break
                     yield response
                 code = _code_name(context.code()) or "OK"
             except grpc.aio.AbortError:
@@ -109,9 +119,26 @@ class _CallObserver:
                 code = _cancel_code(context)
                 raise
             finally:
-                self._end(None, code, context, began)
+                self._end(span, code, context, began)
 
         return wrapped
+
+    @contextmanager
+    def _current(
+        self, span: trace.Span | None, parent: otel_context.Context | None
+    ) -> Iterator[None]:
+        method_token = RPC_METHOD.set(self._method)
+        otel_token = (
+            otel_context.attach(trace.set_span_in_context(span, parent))
+            if span is not None
+            else None
+        )
+        try:
+            yield
+        finally:
+            if otel_token is not None:
+                otel_context.detach(otel_token)
+            RPC_METHOD.reset(method_token)
 
     def _begin(self) -> float:
         if self._metrics is not None:
@@ -122,6 +149,13 @@ class _CallObserver:
         self, context: grpc.aio.ServicerContext
     ) -> tuple[trace.Span, Token[otel_context.Context]]:
         """The SERVER span, child of the caller's context, made current (detach the token)."""
+        span, parent = self._open_span(context)
+        return span, otel_context.attach(trace.set_span_in_context(span, parent))
+
+    def _open_span(
+        self, context: grpc.aio.ServicerContext
+    ) -> tuple[trace.Span, otel_context.Context | None]:
+        """The SERVER span, child of the caller's context (also returned), not yet current."""
         carrier = {}
         for key, value in context.invocation_metadata() or ():
             if isinstance(value, str):  # binary (-bin) metadata carries no trace context
@@ -136,7 +170,7 @@ class _CallObserver:
         span = self._tracing.tracer.start_span(
             self._span_name, context=parent, kind=SpanKind.SERVER, attributes=attributes
         )
-        return span, otel_context.attach(trace.set_span_in_context(span, parent))
+        return span, parent
 
     def _end(
         self,

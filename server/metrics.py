@@ -15,10 +15,19 @@ and status names, stage names, and the configured encoder models.
 | `voicegate_triton_errors_total` | counter | model, grpc_code |
 | `voicegate_triton_request_seconds` | histogram | model |
 | `voicegate_triton_batch_size` | histogram | model (partials per request we send) |
+| `voicegate_admission_in_flight` | gauge | (work calls admitted and not finished) |
+| `voicegate_admission_in_flight_bytes` | gauge | (their serialized request bytes) |
+| `voicegate_admission_limit` | gauge | bound (requests, bytes) |
+| `voicegate_admission_refused_total` | counter | grpc_method, reason (requests, bytes) |
+| `voicegate_triton_retries_total` | counter | model, grpc_code (of the failed attempt) |
+| `voicegate_streaming_embed_sessions` | gauge | (StreamingEmbed calls open) |
+| `voicegate_streaming_embed_held_bytes` | gauge | (audio and features they hold) |
+| `voicegate_vad_streams` | gauge | (StreamingDetectSpeech calls open) |
 | `voicegate_build_info` | gauge | version |
 
 Stages: decode, trim, features, mfcc, triton (one utterance, all its Triton requests), fusion,
-and total (the whole RPC); plus prometheus_client's `process_*` and `python_*` collectors.
+vad (VoiceActivityService: Silero VAD in Triton and segmentation), and total (the whole RPC);
+plus prometheus_client's `process_*` and `python_*` collectors.
 """
 
 from __future__ import annotations
@@ -124,6 +133,57 @@ class Metrics:
             namespace=NAMESPACE,
             registry=r,
             buckets=BATCH_BUCKETS,
+        )
+        self.admission_in_flight = Gauge(
+            "admission_in_flight",
+            "Work calls (Embed, Verify, Enroll, Identify, ...) admitted and not finished",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.admission_in_flight_bytes = Gauge(
+            "admission_in_flight_bytes",
+            "Serialized request bytes of the admitted work calls not finished",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.admission_limit = Gauge(
+            "admission_limit",
+            "Admission bounds: max_inflight_requests and max_inflight_bytes",
+            ["bound"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.admission_refused = Counter(
+            "admission_refused_total",
+            "Work calls refused with RESOURCE_EXHAUSTED at admission, by the bound they hit",
+            ["grpc_method", "reason"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.triton_retries = Counter(
+            "triton_retries_total",
+            "Triton requests retried, by model and the gRPC status code of the failed attempt",
+            ["model", "grpc_code"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.streaming_sessions = Gauge(
+            "streaming_embed_sessions",
+            "StreamingEmbed calls open now (a cancelled call leaves at once)",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.streaming_bytes = Gauge(
+            "streaming_embed_held_bytes",
+            "Audio and mel features the open StreamingEmbed calls hold (server/streaming_embed.py)",
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.vad_streams = Gauge(
+            "vad_streams",
+            "StreamingDetectSpeech calls open now (a cancelled call leaves at once)",
+            namespace=NAMESPACE,
+            registry=r,
         )
         self._server: Any = None
         self._thread: Any = None

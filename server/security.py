@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 
-from server.api.voicegate.v1 import speaker_pb2
+from server.api.voicegate.v1 import speaker_pb2, vad_pb2
 from server.config import Settings
 from server.errors import ConfigError, PermissionDenied, Unauthenticated, VoicegateError
 from server.grpc_errors import abort_with, rewrap_handler
@@ -45,7 +45,8 @@ EXEMPT_SERVICES = frozenset(
 )
 API_METHODS = frozenset(
     method.name
-    for service in speaker_pb2.DESCRIPTOR.services_by_name.values()
+    for api in (speaker_pb2, vad_pb2)
+    for service in api.DESCRIPTOR.services_by_name.values()
     for method in service.methods
 )
 

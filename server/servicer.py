@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import grpc
 
 from server.api.voicegate.v1 import audio_pb2, speaker_pb2, speaker_pb2_grpc
@@ -10,6 +12,7 @@ from server.core import AudioInput, SpeakerCore
 from server.errors import InvalidArgument
 from server.speaker_rpcs import SpeakerDirectoryRpcs, operating_point_proto
 from server.speakers import OperatingPoint, SpeakerDirectory
+from server.vad_core import StreamSpec
 
 _SAMPLE_FORMATS = {
     audio_pb2.SAMPLE_FORMAT_LINEAR16: SampleFormat.LINEAR16,
@@ -30,7 +33,7 @@ def audio_from_proto(audio: audio_pb2.Audio, field: str) -> AudioInput:
             sample_rate_hz=raw.sample_rate_hz,
             channels=raw.channels,
         )
-    raise InvalidArgument(f"{field} is required: set {field}.content or {field}.raw")
+    raise InvalidArgument(f"{field} is required: set {field}.content or {field}.raw", field=field)
 
 
 class SpeakerServicer(SpeakerDirectoryRpcs, speaker_pb2_grpc.SpeakerServiceServicer):
@@ -52,6 +55,49 @@ class SpeakerServicer(SpeakerDirectoryRpcs, speaker_pb2_grpc.SpeakerServiceServi
             audio, model=request.model or None, timeout_s=context.time_remaining()
         )
         return speaker_pb2.EmbedResponse(
+            embedding=result.embedding.tolist(),
+            model=result.model,
+            speech_seconds=result.speech_seconds,
+            partial_count=result.partial_count,
+        )
+
+    async def StreamingEmbed(
+        self,
+        request_iterator: AsyncIterator[speaker_pb2.StreamingEmbedRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> speaker_pb2.StreamingEmbedResponse:
+        requests = aiter(request_iterator)
+        first = await anext(requests, None)
+        if first is None or first.WhichOneof("streaming_request") != "config":
+            raise InvalidArgument(
+                "config is required: the first StreamingEmbedRequest must carry it", field="config"
+            )
+        config = first.config
+        spec = StreamSpec(
+            format=_SAMPLE_FORMATS.get(config.format),
+            sample_rate_hz=config.sample_rate_hz,
+            channels=config.channels,
+        )
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async for request in requests:
+                kind = request.WhichOneof("streaming_request")
+                if kind == "audio_chunk":
+                    yield request.audio_chunk
+                elif kind == "config":
+                    raise InvalidArgument(
+                        "config may only be sent in the first message", field="config"
+                    )
+                else:
+                    raise InvalidArgument(
+                        "a StreamingEmbedRequest must carry config or audio_chunk",
+                        field="audio_chunk",
+                    )
+
+        result = await self._core.embed_stream(
+            spec, chunks(), model=config.model or None, timeout_s=context.time_remaining()
+        )
+        return speaker_pb2.StreamingEmbedResponse(
             embedding=result.embedding.tolist(),
             model=result.model,
             speech_seconds=result.speech_seconds,

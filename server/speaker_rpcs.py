@@ -76,7 +76,7 @@ class SpeakerDirectoryRpcs:
 
         mode = _ENROLL_MODES.get(request.mode)
         if mode is None:
-            raise InvalidArgument(f"mode {request.mode} is not a known EnrollMode")
+            raise InvalidArgument(f"mode {request.mode} is not a known EnrollMode", field="mode")
         audio = [audio_from_proto(item, f"audio[{i}]") for i, item in enumerate(request.audio)]
         record = await self._speakers().enroll(
             request.speaker_id, audio, mode, timeout_s=context.time_remaining()

@@ -67,10 +67,11 @@ T = TypeVar("T")
 def check_speaker_id(speaker_id: str, field: str = "speaker_id") -> str:
     """The id if it is well formed, else INVALID_ARGUMENT naming the rule."""
     if not speaker_id:
-        raise InvalidArgument(f"{field} is required")
+        raise InvalidArgument(f"{field} is required", field=field)
     if SPEAKER_ID_PATTERN.fullmatch(speaker_id) is None:
         raise InvalidArgument(
-            f"{field} must be 1 to 128 characters from A-Z, a-z, 0-9, '.', '_', ':' and '-'"
+            f"{field} must be 1 to 128 characters from A-Z, a-z, 0-9, '.', '_', ':' and '-'",
+            field=field,
         )
     return speaker_id
 
@@ -203,10 +204,13 @@ class SpeakerDirectory:
         """Embed every recording, then add them to the speaker in one store transaction."""
         check_speaker_id(speaker_id)
         if not audio:
-            raise InvalidArgument("audio is required: at least one recording to enroll")
+            raise InvalidArgument(
+                "audio is required: at least one recording to enroll", field="audio"
+            )
         if len(audio) > MAX_ENROLL_AUDIO:
             raise InvalidArgument(
-                f"audio has {len(audio)} recordings; at most {MAX_ENROLL_AUDIO} per call"
+                f"audio has {len(audio)} recordings; at most {MAX_ENROLL_AUDIO} per call",
+                field="audio",
             )
         model = self._settings.encoder_model
         analysed, fingerprint = await asyncio.gather(
@@ -265,7 +269,9 @@ class SpeakerDirectory:
     ) -> IdentifyResult:
         """The `top_k` enrolled speakers most like `audio`, best first."""
         if top_k < 0 or top_k > MAX_TOP_K:
-            raise InvalidArgument(f"top_k must be 0 (default {DEFAULT_TOP_K}) to {MAX_TOP_K}")
+            raise InvalidArgument(
+                f"top_k must be 0 (default {DEFAULT_TOP_K}) to {MAX_TOP_K}", field="top_k"
+            )
         k = top_k or DEFAULT_TOP_K
         model = self._settings.encoder_model
         (embedded, statistics), fingerprint, _ = await asyncio.gather(
@@ -314,7 +320,7 @@ class SpeakerDirectory:
     ) -> tuple[list[SpeakerRecord], str]:
         """One page of records in id order and the next page's token ('' on the last)."""
         if page_size < 0:
-            raise InvalidArgument("page_size must be >= 0")
+            raise InvalidArgument("page_size must be >= 0", field="page_size")
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         after = _decode_page_token(page_token) if page_token else None
         records = await self._in_thread(self._store.list, size + 1, after)
@@ -427,5 +433,5 @@ def _decode_page_token(token: str) -> str:
         text = ""
     prefix, _, last_id = text.partition(":")
     if prefix != "after" or SPEAKER_ID_PATTERN.fullmatch(last_id) is None:
-        raise InvalidArgument("page_token is not one this service issued")
+        raise InvalidArgument("page_token is not one this service issued", field="page_token")
     return last_id

@@ -3,6 +3,13 @@
 Transport and model-availability failures become BackendUnavailable, an expired deadline becomes
 DeadlineExceeded; their messages are short and safe to show a caller, Triton's own text goes to
 the log. Anything else is re-raised unchanged and ends up as INTERNAL.
+
+Requests that fail UNAVAILABLE (no connection, server not ready) or CANCELLED by the server
+(Triton stopping) are retried, `retries` times at most, after an exponential backoff with full
+jitter, and only while the call's deadline leaves time for another attempt: inference and the
+model queries are pure reads, so a repeat is safe. A model that is not ready or not loaded is
+not retried (a configuration problem, not a blip). Each retry is a `retry` event on the current
+span and counts in `voicegate_triton_retries_total`.
 """
 
 from __future__ import annotations
@@ -10,16 +17,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Self
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, Self, TypeVar
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from server.errors import BackendUnavailable, DeadlineExceeded
-from server.telemetry import DISABLED, Telemetry
+from server.telemetry import DISABLED, Telemetry, add_retry_event
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +52,9 @@ _CHANNEL_ARGS = [
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 _WARN_INTERVAL_S = 10.0
+# A retry is only worth it when at least this much of the deadline is left after its backoff.
+_MIN_ATTEMPT_S = 0.05
+T = TypeVar("T")
 # Words in gRPC's own UNAVAILABLE details that mean "no connection" rather than "model not ready".
 _TRANSPORT_WORDS = ("connect", "socket", "connection", "goaway", "broken pipe", "unreachable")
 
@@ -89,8 +100,14 @@ class TritonClient:
         timeout_s: float = 30.0,
         probe_timeout_s: float = 2.0,
         telemetry: Telemetry | None = None,
+        retries: int = 2,
+        retry_base_s: float = 0.05,
+        retry_max_s: float = 1.0,
     ) -> None:
         self._url = url
+        self._retries = retries
+        self._retry_base_s = retry_base_s
+        self._retry_max_s = retry_max_s
         self._telemetry = telemetry or DISABLED
         self._timeout_s = timeout_s
         self._probe_timeout_s = probe_timeout_s
@@ -169,24 +186,22 @@ class TritonClient:
         """The model's `ModelConfig` protobuf, fetched once per model and cached."""
         config = self._configs.get(model)
         if config is None:
-            try:
-                response = await self._client.get_model_config(
-                    model, client_timeout=self._timeout(timeout_s)
-                )
-            except InferenceServerException as exc:
-                raise self._mapped(exc, model) from exc
+            response = await self._retrying(
+                lambda timeout: self._client.get_model_config(model, client_timeout=timeout),
+                model,
+                timeout_s,
+            )
             config = response.config
             self._configs[model] = config
         return config
 
     async def model_version(self, model: str, timeout_s: float | None = None) -> str:
         """The newest version of `model` Triton has loaded, from its model metadata."""
-        try:
-            metadata = await self._client.get_model_metadata(
-                model, client_timeout=self._timeout(timeout_s)
-            )
-        except InferenceServerException as exc:
-            raise self._mapped(exc, model) from exc
+        metadata = await self._retrying(
+            lambda timeout: self._client.get_model_metadata(model, client_timeout=timeout),
+            model,
+            timeout_s,
+        )
         versions = [str(v) for v in metadata.versions]
         if not versions:
             return ""
@@ -209,8 +224,8 @@ class TritonClient:
 
         `timeout_s` (default: the client's) becomes the gRPC deadline; `headers` go out as gRPC
         metadata, after the current trace context (`traceparent`, so Triton's trace joins ours).
+        Each attempt (see the module's note on retries) is a span of its own.
         """
-        timeout = self._timeout(timeout_s)
         infer_inputs = []
         batch_size = None
         for name, array in inputs.items():
@@ -221,20 +236,25 @@ class TritonClient:
             if batch_size is None and array.ndim:
                 batch_size = int(array.shape[0])
         requested = [grpcclient.InferRequestedOutput(name) for name in outputs]
-        with self._telemetry.triton_call(model, self._url, batch_size, headers) as call:
-            try:
-                result = await self._client.infer(
-                    model,
-                    infer_inputs,
-                    outputs=requested,
-                    client_timeout=timeout,
-                    # gRPC metadata keys must be lower case: an upper-case key fails the call.
-                    headers={k.lower(): v for k, v in call.headers.items()} or None,
-                )
-            except InferenceServerException as exc:
-                call.fail(_status(exc) or "UNKNOWN")
-                raise self._mapped(exc, model) from exc
-            call.model_version = str(result.get_response().model_version)
+
+        async def attempt(timeout_s: float) -> Any:
+            with self._telemetry.triton_call(model, self._url, batch_size, headers) as call:
+                try:
+                    result = await self._client.infer(
+                        model,
+                        infer_inputs,
+                        outputs=requested,
+                        client_timeout=timeout_s,
+                        # gRPC metadata keys must be lower case: an upper-case key fails the call.
+                        headers={k.lower(): v for k, v in call.headers.items()} or None,
+                    )
+                except InferenceServerException as exc:
+                    call.fail(_status(exc) or "UNKNOWN")
+                    raise
+                call.model_version = str(result.get_response().model_version)
+            return result
+
+        result = await self._retrying(attempt, model, timeout_s)
         arrays = {}
         for name in outputs:
             value = result.as_numpy(name)
@@ -242,6 +262,51 @@ class TritonClient:
                 raise RuntimeError(f"Triton model {model!r} returned no output {name!r}")
             arrays[name] = value
         return arrays
+
+    async def _retrying(
+        self,
+        call: Callable[[float], Awaitable[T]],
+        model: str | None,
+        timeout_s: float | None,
+    ) -> T:
+        """`call(timeout)`, retried as the module says; errors mapped (map_triton_error)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout(timeout_s)
+        attempt = 0
+        while True:
+            try:
+                return await call(self._timeout(deadline - loop.time()))
+            except InferenceServerException as exc:
+                delay = self._retry_delay(exc, attempt, deadline - loop.time())
+                if delay is None:
+                    raise self._mapped(exc, model) from exc
+                attempt += 1
+                code = _status(exc)
+                log.debug(
+                    "Triton call to %s (model %s) failed (%s); retry %d in %.3fs",
+                    self._url,
+                    model,
+                    exc,
+                    attempt,
+                    delay,
+                )
+                add_retry_event(attempt, code, delay)
+                metrics = self._telemetry.metrics
+                if metrics is not None:
+                    metrics.triton_retries.labels(model or "", code).inc()
+            await asyncio.sleep(delay)
+
+    def _retry_delay(
+        self, exc: InferenceServerException, attempt: int, remaining: float
+    ) -> float | None:
+        """Backoff before retry number `attempt + 1`; None when `exc` is final."""
+        if attempt >= self._retries or self._closed or not _retryable(exc):
+            return None
+        ceiling = min(self._retry_max_s, self._retry_base_s * 2.0**attempt)
+        delay = random.uniform(0.0, ceiling)  # full jitter: replicas do not retry in step
+        if remaining - delay < _MIN_ATTEMPT_S:
+            return None
+        return delay
 
     def _timeout(self, timeout_s: float | None) -> float:
         timeout = self._timeout_s if timeout_s is None else timeout_s
@@ -265,6 +330,17 @@ class TritonClient:
                 exc,
             )
         return mapped
+
+
+def _retryable(exc: InferenceServerException) -> bool:
+    """UNAVAILABLE (except a model that is not ready) or CANCELLED by the server."""
+    status = _status(exc)
+    if status == "CANCELLED":
+        return True
+    if status != "UNAVAILABLE":
+        return False
+    detail = str(exc.message() or "").lower()
+    return not ("model" in detail and "connect" not in detail)
 
 
 class TritonEncoder(TritonClient):

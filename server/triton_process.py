@@ -183,7 +183,7 @@ class EmbeddedTriton:
         healthy_after_s: float = 60.0,
     ) -> None:
         self._settings = settings
-        self._models = list(settings.encoder_models if models is None else models)
+        self._models = list(settings.triton_models if models is None else models)
         self._extra_args = list(extra_args)
         # Loopback by default: Triton's API can load and unload models and has no auth.
         self._bind_address = bind_address

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -22,6 +23,29 @@ def dev_data_dir() -> Path | None:
     configured = os.environ.get("VOICEGATE_DATA_DIR")
     path = Path(configured) if configured else DEFAULT_DATA_DIR
     return path if path.is_dir() and any(path.glob("*.flac")) else None
+
+
+# Figures a test measured (recovery times, ...), printed again in pytest's terminal summary so
+# that they show without -s. Append with the `report` fixture.
+REPORT_LINES: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def report() -> Callable[[str], None]:
+    """`report("what: figure")` prints the line now and again in the terminal summary."""
+
+    def add(line: str) -> None:
+        print(f"\n{line}")
+        REPORT_LINES.append(line)
+
+    return add
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if REPORT_LINES:
+        terminalreporter.section("measured")
+        for line in REPORT_LINES:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +67,7 @@ def speech_files(data_dir: Path) -> list[Path]:
 def require_exported_models() -> None:
     missing = [
         name
-        for name in ("ge2e_int8", "ge2e_fp32")
+        for name in ("ge2e_int8", "ge2e_fp32", "silero_vad")
         if not (MODEL_REPOSITORY / name / "1" / "model.onnx").exists()
     ]
     if missing:
@@ -60,6 +84,8 @@ def base_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
             "state_dir": tmp_path_factory.mktemp("state"),
             "grace_seconds": 2.0,
             "health_poll_s": 0.2,
+            # Tests drive up to 26 concurrent calls at the engine; admission has its own tests.
+            "max_inflight_requests": 64,
         },
         environ={},
     )
@@ -71,7 +97,7 @@ async def triton(base_settings: Settings) -> AsyncIterator[object]:
     from server.triton_process import EmbeddedTriton
 
     require_exported_models()
-    async with EmbeddedTriton(base_settings, models=list(base_settings.encoder_models)) as server:
+    async with EmbeddedTriton(base_settings, models=list(base_settings.triton_models)) as server:
         yield server
 
 

@@ -148,8 +148,11 @@ def elements(file: descriptor_pb2.FileDescriptorProto) -> list[tuple[str, tuple[
         found.append((name, path, msg))
         for fi, field in enumerate(msg.field):
             found.append((f"{name}.{field.name}", (*path, 2, fi), field))
+        # proto3 `optional` fields live in synthetic oneofs that cannot carry a comment
+        synthetic = {f.oneof_index for f in msg.field if f.proto3_optional}
         for oi, oneof in enumerate(msg.oneof_decl):
-            found.append((f"{name}.{oneof.name}", (*path, 8, oi), oneof))
+            if oi not in synthetic:
+                found.append((f"{name}.{oneof.name}", (*path, 8, oi), oneof))
         for ni, nested in enumerate(msg.nested_type):
             message(nested, (*path, 3, ni), f"{name}.")
         for ei, enum in enumerate(msg.enum_type):

@@ -8,6 +8,7 @@ import soundfile
 
 from server.audio import (
     SAMPLE_RATE,
+    AudioLimits,
     RawAudioSpec,
     SampleFormat,
     decode_content,
@@ -23,6 +24,8 @@ from server.features import (
     prepare_utterance,
     trim_silence,
 )
+
+LIMITS = AudioLimits(max_seconds=10)
 
 
 def tone(seconds: float, rate: int = SAMPLE_RATE, channels: int = 1) -> np.ndarray:
@@ -41,14 +44,14 @@ def encode(frames: np.ndarray, rate: int, fmt: str, subtype: str | None = None) 
 @pytest.mark.parametrize("rate", [8000, 44100])
 def test_encoded_files_decode_to_mono_16k(fmt: str, subtype: str | None, rate: int) -> None:
     content = encode(tone(1.0, rate, channels=2), rate, fmt, subtype)
-    wave = decode_content(content, max_seconds=10)
+    wave = decode_content(content, LIMITS)
     assert wave.dtype == np.float32
     assert abs(len(wave) - SAMPLE_RATE) <= 64
 
 
 def test_mp3_decodes() -> None:
     content = encode(tone(1.0, 44100), 44100, "MP3")
-    wave = decode_content(content, max_seconds=10)
+    wave = decode_content(content, LIMITS)
     assert abs(len(wave) / SAMPLE_RATE - 1.0) < 0.1
 
 
@@ -62,13 +65,13 @@ def test_mp3_decodes() -> None:
 )
 def test_bad_content_is_invalid_audio(content: bytes, message: str) -> None:
     with pytest.raises(InvalidAudio, match=message):
-        decode_content(content, max_seconds=10)
+        decode_content(content, LIMITS)
 
 
 def test_truncated_wav_still_decodes_what_is_there_or_fails_cleanly() -> None:
     content = encode(tone(1.0), SAMPLE_RATE, "WAV", "PCM_16")[:5000]
     try:
-        wave = decode_content(content, max_seconds=10)
+        wave = decode_content(content, LIMITS)
     except InvalidAudio:
         return
     assert 0 < len(wave) < SAMPLE_RATE
@@ -77,15 +80,15 @@ def test_truncated_wav_still_decodes_what_is_there_or_fails_cleanly() -> None:
 def test_too_long_content_is_rejected_before_decoding() -> None:
     content = encode(tone(3.0), SAMPLE_RATE, "WAV", "PCM_16")
     with pytest.raises(InvalidArgument, match="over the limit of 2 s"):
-        decode_content(content, max_seconds=2)
+        decode_content(content, AudioLimits(max_seconds=2))
 
 
 def test_raw_linear16_and_float32_agree() -> None:
     wave = tone(0.5)[:, 0]
     pcm16 = RawAudioSpec((wave * 32767).astype("<i2").tobytes(), SampleFormat.LINEAR16, 16000)
     f32 = RawAudioSpec(wave.astype("<f4").tobytes(), SampleFormat.FLOAT32, 16000)
-    a = decode_raw(pcm16, max_seconds=10)
-    b = decode_raw(f32, max_seconds=10)
+    a = decode_raw(pcm16, LIMITS)
+    b = decode_raw(f32, LIMITS)
     assert np.max(np.abs(a - b)) < 1e-3
 
 
@@ -93,7 +96,7 @@ def test_raw_stereo_is_downmixed() -> None:
     left = np.full(1600, 0.5, dtype="<f4")
     frames = np.stack([left, -left], axis=1).reshape(-1)
     wave = decode_raw(
-        RawAudioSpec(frames.tobytes(), SampleFormat.FLOAT32, 16000, channels=2), max_seconds=10
+        RawAudioSpec(frames.tobytes(), SampleFormat.FLOAT32, 16000, channels=2), LIMITS
     )
     assert np.allclose(wave, 0.0)
 
@@ -105,8 +108,14 @@ def test_raw_stereo_is_downmixed() -> None:
         (RawAudioSpec(b"", SampleFormat.LINEAR16, 16000), "samples is empty"),
         (RawAudioSpec(b"\x00\x00\x00", SampleFormat.LINEAR16, 16000), "not a multiple of 2"),
         (RawAudioSpec(b"\x00" * 12, SampleFormat.FLOAT32, 16000, 2), "not a multiple of 8"),
-        (RawAudioSpec(b"\x00\x00", SampleFormat.LINEAR16, 100), "sample rate 100 Hz"),
-        (RawAudioSpec(b"\x00\x00", SampleFormat.LINEAR16, 16000, 9), "9 channels"),
+        (
+            RawAudioSpec(b"\x00\x00", SampleFormat.LINEAR16, 100),
+            "audio.raw.sample_rate_hz: sample rate 100 Hz is outside the accepted 8000..192000 Hz",
+        ),
+        (
+            RawAudioSpec(b"\x00\x00", SampleFormat.LINEAR16, 16000, 9),
+            r"audio.raw.channels: 9 channels; 1\.\.8 are accepted",
+        ),
         (
             RawAudioSpec(np.array([np.nan], "<f4").tobytes(), SampleFormat.FLOAT32, 16000),
             "NaN or infinite",
@@ -115,7 +124,7 @@ def test_raw_stereo_is_downmixed() -> None:
 )
 def test_bad_raw_audio_names_the_problem(raw: RawAudioSpec, message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
-        decode_raw(raw, max_seconds=10)
+        decode_raw(raw, LIMITS)
 
 
 def test_normalize_volume_raises_quiet_audio_only() -> None:

@@ -454,6 +454,43 @@ async def test_errors_are_recorded_with_status(
     assert not any(s.name in (TRITON_CALL, "InferRequest") for s in spans)
 
 
+async def test_streaming_call_gets_a_server_span_over_its_whole_stream(
+    traced_app: Any, receiver: OtlpReceiver, speech_files: list[Path]
+) -> None:
+    """A bidirectional stream: one SERVER span, the caller's child, with every Triton call the
+    stream made (one per VAD window) under it, and Triton's spans under those."""
+    from server.api.voicegate.v1 import vad_pb2, vad_pb2_grpc
+
+    samples, rate = speech.read(speech_files[4])
+    pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
+    config = vad_pb2.StreamingDetectSpeechConfig(
+        format=audio_pb2.SAMPLE_FORMAT_LINEAR16, sample_rate_hz=rate, channels=1
+    )
+    messages = [vad_pb2.StreamingDetectSpeechRequest(config=config)] + [
+        vad_pb2.StreamingDetectSpeechRequest(audio_chunk=pcm[i : i + 32_000])
+        for i in range(0, len(pcm), 32_000)
+    ]
+    name = "voicegate.v1.VoiceActivityService/StreamingDetectSpeech"
+    trace_id, caller_span, metadata = traceparent()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{traced_app.port}") as channel:
+        stub = vad_pb2_grpc.VoiceActivityServiceStub(channel)
+        replies = [r async for r in stub.StreamingDetectSpeech(iter(messages), metadata=metadata)]
+    assert replies[-1].HasField("summary")
+    spans = await receiver.wait_for(trace_id, has(name))
+    print(f"\ntrace {trace_id}:\n{render(spans, caller_span)}")
+    server = only(spans, name)
+    assert (server.kind, server.parent_id) == ("SERVER", caller_span)
+    assert server.attributes["rpc.method"] == "StreamingDetectSpeech"
+    assert server.attributes["rpc.grpc.status_code"] == 0
+    calls = [s for s in spans if s.name == TRITON_CALL]
+    assert calls and all(s.parent_id == server.span_id for s in calls)
+    assert {s.attributes["voicegate.triton.model.name"] for s in calls} == {"silero_vad"}
+    # Triton's spans that joined (it loses some contexts) hang under our calls.
+    call_ids = {s.span_id for s in calls}
+    assert all(s.parent_id in call_ids for s in spans if s.name == "InferRequest")
+    assert_no_payloads(spans)
+
+
 async def test_storage_work_is_traced(
     stub: Any, receiver: OtlpReceiver, speech_files: list[Path]
 ) -> None:

@@ -1,0 +1,145 @@
+"""Silero VAD through Triton: one speech probability per 32 ms frame, state carried by the caller.
+
+The Triton model (`silero_vad`, built by export/vad.py) takes one stream's window of W frames
+[1, W, 576] and its LSTM state [1, 2, 128], and returns W probabilities and the state after the
+window. This client cuts audio into frames (each frame is 512 new samples after the previous
+frame's last 64), sends consecutive windows of `window_frames` frames one after the other
+(each window needs the state the previous one left), and hands the caller a `VadState` to pass
+into its next call, so a stream can arrive in pieces. Concurrent streams' windows of the same
+length are merged into one run by Triton's dynamic batcher; a stream's probabilities do not
+depend on what it was batched with (checked at export and in tests/test_vad_model.py).
+
+The probabilities equal those of silero's own per-chunk model (`silero_vad.onnx`, the package's
+`OnnxWrapper`) run over the same audio from its start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from server.triton_client import TritonClient
+
+FRAME_SAMPLES = 512  # 32 ms at 16 kHz
+CONTEXT_SAMPLES = 64
+FRAME_WIDTH = CONTEXT_SAMPLES + FRAME_SAMPLES
+HIDDEN = 128
+SAMPLE_RATE = 16000
+FRAMES_INPUT, STATE_INPUT = "frames", "state"
+PROBS_OUTPUT, STATE_OUTPUT = "probabilities", "state_out"
+# Frames per Triton request at most: 64 frames = 2.048 s of audio. Measured with
+# benchmarks/vad_model.py (benchmarks/README.md, "Silero VAD"): a request costs ~1 ms of CPU,
+# a frame ~60 us, so 64 frames bring the CPU per frame to 1.5x the in-process model's (32: 1.7x,
+# 128: 1.4x, 1 frame per request: 16x); longer windows save little more, hold the one model
+# instance longer (head-of-line blocking for other streams) and leave longer odd-sized
+# remainders, which Triton cannot batch with other streams' windows.
+DEFAULT_WINDOW_FRAMES = 64
+
+
+@dataclass(frozen=True)
+class VadState:
+    """Where a stream stands between calls: the previous frame's tail and the LSTM's h and c.
+
+    Arrays are float32 copies, made read-only, so a state can be kept and reused safely.
+    """
+
+    context: np.ndarray  # (64,) float32, last samples of the previous frame
+    recurrent: np.ndarray  # (2, 128) float32: h and c of the LSTM
+
+    def __post_init__(self) -> None:
+        for name, shape in (("context", (CONTEXT_SAMPLES,)), ("recurrent", (2, HIDDEN))):
+            array = np.array(getattr(self, name), dtype=np.float32)  # a copy
+            if array.shape != shape:
+                raise ValueError(f"VadState.{name} must have shape {shape}, got {array.shape}")
+            array.setflags(write=False)
+            object.__setattr__(self, name, array)
+
+    @classmethod
+    def initial(cls) -> VadState:
+        """The state at the start of a stream: silence before it, a zero LSTM state."""
+        return cls(np.zeros(CONTEXT_SAMPLES, np.float32), np.zeros((2, HIDDEN), np.float32))
+
+
+def frames_of(samples: np.ndarray, context: np.ndarray) -> np.ndarray:
+    """[n, 576] frames of `samples` (length n * 512), each preceded by the 64 samples before it
+    (`context` before the first)."""
+    padded = np.concatenate([context, samples]).astype(np.float32, copy=False)
+    n = len(samples) // FRAME_SAMPLES
+    view = np.lib.stride_tricks.sliding_window_view(padded, FRAME_WIDTH)
+    return np.ascontiguousarray(view[: n * FRAME_SAMPLES : FRAME_SAMPLES])
+
+
+class TritonVad:
+    """Speech probabilities from the Triton model `model`, `window_frames` frames per request."""
+
+    def __init__(
+        self,
+        client: TritonClient,
+        model: str = "silero_vad",
+        window_frames: int = DEFAULT_WINDOW_FRAMES,
+    ) -> None:
+        if window_frames < 1:
+            raise ValueError("window_frames must be at least 1")
+        self.client = client
+        self.model = model
+        self.window_frames = window_frames
+
+    async def probabilities(
+        self,
+        samples: np.ndarray,
+        state: VadState | None = None,
+        timeout_s: float | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[np.ndarray, VadState]:
+        """One speech probability per 512-sample frame of `samples` (16 kHz float32, length a
+        multiple of 512; the caller buffers the remainder). `state` carries across calls.
+
+        Returns float32 [len(samples) // 512] probabilities and the state to pass next time
+        (None: the start of a stream). `timeout_s` bounds the whole call (default: the client's
+        timeout for each Triton request); `headers` go to Triton as gRPC metadata. Raises
+        ValueError for malformed samples, and the TritonClient's errors (BackendUnavailable,
+        DeadlineExceeded) when Triton fails.
+        """
+        samples = np.asarray(samples)
+        if samples.ndim != 1:
+            raise ValueError(f"samples must be one-dimensional (mono), got shape {samples.shape}")
+        if len(samples) % FRAME_SAMPLES:
+            raise ValueError(
+                f"sample count {len(samples)} is not a multiple of {FRAME_SAMPLES}; "
+                "buffer the remainder for the next call"
+            )
+        samples = samples.astype(np.float32, copy=False)
+        state = state or VadState.initial()
+        if len(samples) == 0:
+            return np.zeros(0, np.float32), state
+        frames = frames_of(samples, state.context)
+        recurrent = np.ascontiguousarray(state.recurrent[None])
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        parts = []
+        # Sequential on purpose: each window starts from the state the previous one left.
+        for start in range(0, len(frames), self.window_frames):
+            window = frames[None, start : start + self.window_frames]
+            result = await self.client.infer(
+                self.model,
+                {FRAMES_INPUT: window, STATE_INPUT: recurrent},
+                [PROBS_OUTPUT, STATE_OUTPUT],
+                timeout_s=None if deadline is None else deadline - loop.time(),
+                headers=headers,
+            )
+            probs, recurrent = result[PROBS_OUTPUT], result[STATE_OUTPUT]
+            if probs.shape != (1, window.shape[1]) or recurrent.shape != (1, 2, HIDDEN):
+                raise RuntimeError(
+                    f"Triton model {self.model!r} returned shapes {probs.shape} and "
+                    f"{recurrent.shape} for a window of {window.shape[1]} frames"
+                )
+            parts.append(probs[0])
+        next_state = VadState(samples[-CONTEXT_SAMPLES:], recurrent[0])
+        return np.concatenate(parts).astype(np.float32, copy=False), next_state
+
+
+__all__ = ["CONTEXT_SAMPLES", "FRAME_SAMPLES", "TritonVad", "VadState"]
