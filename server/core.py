@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import time
 from collections.abc import AsyncIterable, Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import numpy as np
 
 from server.audio import SAMPLE_RATE, RawAudioSpec, decode_content, decode_raw, normalize_volume
 from server.config import Settings
+from server.deadlines import deadline_after, time_left
 from server.errors import DeadlineExceeded, InvalidArgument
 from server.features import (
     Utterance,
@@ -42,7 +42,7 @@ from server.telemetry import (
     DISABLED,
     Telemetry,
 )
-from server.vad import FRAME_SAMPLES, VadParams
+from server.vad import VadParams, pad_to_frames
 from server.vad_core import SpeechProbabilities, StreamSpec
 
 AudioInput = bytes | RawAudioSpec
@@ -126,7 +126,7 @@ class SpeakerCore:
         self, audio: AudioInput, model: str | None = None, timeout_s: float | None = None
     ) -> EmbedResult:
         """The L2-normalised embedding of one utterance."""
-        deadline = _deadline(timeout_s)
+        deadline = deadline_after(timeout_s)
         model = self._check_model(model)
         prepared = await self._prepare(audio, "audio", with_mfcc=False, deadline=deadline)
         result = await self._embed_prepared(prepared, model, deadline)
@@ -143,7 +143,7 @@ class SpeakerCore:
         self, reference: AudioInput, probe: AudioInput, timeout_s: float | None = None
     ) -> VerifyResult:
         """Same speaker or not: GE2E cosine and MFCC score, fused and thresholded."""
-        deadline = _deadline(timeout_s)
+        deadline = deadline_after(timeout_s)
         model = self._settings.encoder_model
         ref, prb = await asyncio.gather(
             self._prepare(reference, "reference", with_mfcc=True, deadline=deadline),
@@ -180,7 +180,7 @@ class SpeakerCore:
 
         For enrollment and the speaker directory; `field` names the audio in errors.
         """
-        deadline = _deadline(timeout_s)
+        deadline = deadline_after(timeout_s)
         prepared = await self._prepare(audio, field, with_mfcc=True, deadline=deadline)
         result = await self._embed_prepared(prepared, self._settings.encoder_model, deadline)
         assert prepared.mfcc is not None
@@ -200,7 +200,7 @@ class SpeakerCore:
         Cancelling the caller's task (a client gone) stops the work at the next await: no
         Triton request is sent after it, and the session's memory goes with it.
         """
-        deadline = _deadline(timeout_s)
+        deadline = deadline_after(timeout_s)
         model = self._check_model(model)
         settings = self._settings
         vad = self._vad
@@ -225,7 +225,7 @@ class SpeakerCore:
             metrics.streaming_sessions.inc()
         try:
             async for chunk in chunks:
-                _remaining(deadline)
+                time_left(deadline)
                 if not chunk:
                     continue
                 await self._run(partial(session.feed, chunk), deadline)
@@ -254,7 +254,7 @@ class SpeakerCore:
             account()
             with self._telemetry.timed("triton"):
                 embeddings = await self._encoder.embed_partials(
-                    partials, model, timeout_s=_remaining(deadline)
+                    partials, model, timeout_s=time_left(deadline)
                 )
         finally:
             self.active_streams -= 1
@@ -288,7 +288,7 @@ class SpeakerCore:
             samples, count = window
             with self._telemetry.timed("vad"):
                 probabilities, state = await vad.probabilities(
-                    samples, session.vad_state(), timeout_s=_remaining(deadline)
+                    samples, session.vad_state(), timeout_s=time_left(deadline)
                 )
             accept = partial(session.accept_probabilities, probabilities, count, state, final)
             await self._run(accept, deadline)
@@ -350,7 +350,7 @@ class SpeakerCore:
         wav = await self._run(decoded, deadline)
         with telemetry.stage("vad", {ATTR_AUDIO_FIELD: field}):
             probabilities, _ = await self._vad.probabilities(
-                _whole_frames(wav), timeout_s=_remaining(deadline)
+                pad_to_frames(wav), timeout_s=time_left(deadline)
             )
         vad = (probabilities, self._vad_params, self._vad_window_frames)
         return await self._run(
@@ -363,7 +363,7 @@ class SpeakerCore:
         partials = prepared.utterance.partials
         with self._telemetry.timed("triton"):
             embeddings = await self._encoder.embed_partials(
-                partials, model, timeout_s=_remaining(deadline)
+                partials, model, timeout_s=time_left(deadline)
             )
         return EmbedResult(
             embedding=average_embedding(embeddings),
@@ -378,7 +378,7 @@ class SpeakerCore:
         context = contextvars.copy_context()
         future = loop.run_in_executor(self._executor, context.run, work)
         try:
-            return await asyncio.wait_for(future, timeout=_remaining(deadline))
+            return await asyncio.wait_for(future, timeout=time_left(deadline))
         except TimeoutError:
             raise DeadlineExceeded("deadline passed during audio preprocessing") from None
 
@@ -419,22 +419,3 @@ def _prepare_wave(
         with telemetry.stage("mfcc", attributes):
             mfcc = mfcc_statistics(speech)
     return _Prepared(utterance=Utterance(speech=speech, partials=partials), mfcc=mfcc)
-
-
-def _whole_frames(wav: np.ndarray) -> np.ndarray:
-    """`wav` zero-padded to whole VAD frames, as silero pads its last chunk."""
-    short = -len(wav) % FRAME_SAMPLES
-    return np.pad(wav, (0, short)) if short else wav
-
-
-def _deadline(timeout_s: float | None) -> float | None:
-    return None if timeout_s is None else time.monotonic() + timeout_s
-
-
-def _remaining(deadline: float | None) -> float | None:
-    if deadline is None:
-        return None
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise DeadlineExceeded("deadline passed before the request could be processed")
-    return remaining

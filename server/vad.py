@@ -330,6 +330,12 @@ def frame_count(n_samples: int) -> int:
     return -(-n_samples // FRAME_SAMPLES)
 
 
+def pad_to_frames(wav: np.ndarray) -> np.ndarray:
+    """`wav` zero-padded to whole frames, as silero pads its last chunk."""
+    short = -len(wav) % FRAME_SAMPLES
+    return np.pad(wav, (0, short)) if short else wav
+
+
 def speech_segments(
     probabilities: Sequence[float] | np.ndarray, n_samples: int, params: VadParams
 ) -> list[Segment]:

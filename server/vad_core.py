@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import numpy as np
 
 from server.audio import SAMPLE_RATE, RawAudioSpec, SampleFormat, decode_content, decode_raw
 from server.config import Settings
+from server.deadlines import deadline_after, time_left
 from server.errors import DeadlineExceeded, InvalidArgument, InvalidAudio
 from server.telemetry import (
     ATTR_AUDIO_BYTES,
@@ -42,6 +42,7 @@ from server.vad import (
     SpeechEvent,
     StreamingSegmenter,
     VadParams,
+    pad_to_frames,
     speech_segments,
 )
 from server.vad_model import VadState
@@ -126,12 +127,12 @@ class VoiceActivityCore:
         self, audio: AudioInput, params: VadParams, timeout_s: float | None = None
     ) -> VadResult:
         """The speech segments of one whole recording."""
-        deadline = _deadline(timeout_s)
+        deadline = deadline_after(timeout_s)
         wav = await self._decode(audio, deadline)
         n_samples = len(wav)
-        padded = _pad_to_frames(wav)
+        padded = pad_to_frames(wav)
         with self._telemetry.stage("vad", {ATTR_AUDIO_SECONDS: n_samples / SAMPLE_RATE}) as span:
-            probabilities, _ = await self._vad.probabilities(padded, timeout_s=_remaining(deadline))
+            probabilities, _ = await self._vad.probabilities(padded, timeout_s=time_left(deadline))
             segments = speech_segments(probabilities, n_samples, params)
             result = VadResult(segments, n_samples)
             span.set_attribute(ATTR_SEGMENT_COUNT, len(segments))
@@ -143,7 +144,7 @@ class VoiceActivityCore:
         self, spec: StreamSpec, params: VadParams, timeout_s: float | None = None
     ) -> VadStream:
         """A stream session (use `async with`); the spec is checked here."""
-        return VadStream(self, spec, params, _deadline(timeout_s))
+        return VadStream(self, spec, params, deadline_after(timeout_s))
 
     def _count_stream(self, change: int) -> None:
         self.active_streams += change
@@ -182,7 +183,7 @@ class VoiceActivityCore:
         context = contextvars.copy_context()  # spans of the worker are children of the RPC's
         future = loop.run_in_executor(self._executor, context.run, work)
         try:
-            return await asyncio.wait_for(future, timeout=_remaining(deadline))
+            return await asyncio.wait_for(future, timeout=time_left(deadline))
         except TimeoutError:
             raise DeadlineExceeded("deadline passed during audio decoding") from None
 
@@ -322,7 +323,7 @@ class VadStream:
 
     async def feed(self, chunk: bytes) -> list[SpeechEvent]:
         """Events that the audio so far makes certain (often none)."""
-        _remaining(self._deadline)
+        time_left(self._deadline)
         if not chunk:
             return []
         with self._telemetry.timed("decode"):
@@ -335,7 +336,7 @@ class VadStream:
 
     async def finish(self) -> tuple[list[SpeechEvent], VadResult]:
         """The events left and every segment, once the caller has sent all its audio."""
-        _remaining(self._deadline)
+        time_left(self._deadline)
         events = await self._detect(self._decoder.finish())
         tail = self._buffer
         n_samples = self._n_samples
@@ -344,7 +345,7 @@ class VadStream:
             padded = np.concatenate([tail, np.zeros(FRAME_SAMPLES - len(tail), np.float32)])
             with self._telemetry.timed("vad"):
                 tail_probabilities, self._state = await self._core.vad.probabilities(
-                    padded, self._state, timeout_s=_remaining(self._deadline)
+                    padded, self._state, timeout_s=time_left(self._deadline)
                 )
             self._buffer = np.zeros(0, np.float32)
         last, segments = self._segmenter.finish(n_samples, tail_probabilities)
@@ -368,27 +369,6 @@ class VadStream:
             return []
         with self._telemetry.timed("vad"):
             probabilities, self._state = await self._core.vad.probabilities(
-                buffered[:whole], self._state, timeout_s=_remaining(self._deadline)
+                buffered[:whole], self._state, timeout_s=time_left(self._deadline)
             )
             return self._segmenter.push(probabilities)
-
-
-def _pad_to_frames(wav: np.ndarray) -> np.ndarray:
-    """Zeros appended up to a whole number of frames, as silero pads its last chunk."""
-    short = -len(wav) % FRAME_SAMPLES
-    if not short:
-        return wav
-    return np.concatenate([wav, np.zeros(short, np.float32)])
-
-
-def _deadline(timeout_s: float | None) -> float | None:
-    return None if timeout_s is None else time.monotonic() + timeout_s
-
-
-def _remaining(deadline: float | None) -> float | None:
-    if deadline is None:
-        return None
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise DeadlineExceeded("deadline passed before the request could be processed")
-    return remaining
