@@ -589,7 +589,7 @@ async def test_metrics_endpoint_counts_calls_stages_audio_and_triton(
     decoded = moved("voicegate_audio_seconds_total", grpc_method="Embed", kind="decoded")
     assert decoded == pytest.approx(len(samples) / rate, rel=1e-3)
     speech_s = moved("voicegate_audio_seconds_total", grpc_method="Embed", kind="speech")
-    assert 0 < speech_s <= decoded
+    assert 0 < speech_s <= decoded + 1e-9  # counters are float sums: equal up to rounding
     assert moved("voicegate_triton_requests_total", model="ge2e_int8", grpc_code="OK") == 1
     assert moved("voicegate_triton_batch_size_count", model="ge2e_int8") == 1
     assert value(after, "voicegate_build_info", version="0.1.0") == 1

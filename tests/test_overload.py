@@ -217,7 +217,11 @@ async def test_deadline_and_cancel_free_the_slot(small: Server, speech_files: li
     expired = small.metric(
         "voicegate_grpc_server_handled_total", {**labels, "grpc_code": "DEADLINE_EXCEEDED"}
     )
-    assert (cancelled, expired) == (1, 1)
+    # The cancelled call was running (in flight 1): CANCELLED. The expired one is counted as
+    # DEADLINE_EXCEEDED when its handler had started; on a slow machine its deadline may pass
+    # while the request is still in transit, and then no handler ever sees it.
+    assert cancelled == 1
+    assert expired in (0, 1)
 
 
 class _NeverCalled:
