@@ -1,11 +1,12 @@
-"""Shared by the benchmarks: dev speech, starting the service, statistics."""
+"""Shared by the benchmarks: dev speech and clips, starting and driving the service, rounds of
+measurements, statistics."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
-import dataclasses
+import io
 import os
 import signal
 import statistics
@@ -13,28 +14,27 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from export.devdata import resolve_data_dir
 from server.triton_process import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA_DIR = ROOT.parent / "shared" / "data" / "librispeech-train-clean-100"
 MODEL_REPOSITORY = ROOT / "model_repository"
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
 ]
 READY_LINE = "voicegate ready"
+SAMPLE_RATE = 16_000
 
 
 def default_data_dir() -> Path | None:
-    """VOICEGATE_DATA_DIR, else ../shared/data/librispeech-train-clean-100 beside the project."""
-    configured = os.environ.get("VOICEGATE_DATA_DIR")
-    if configured:
-        return Path(configured)
-    return DEFAULT_DATA_DIR if DEFAULT_DATA_DIR.is_dir() else None
+    """VOICEGATE_DATA_DIR, else ../shared/data/librispeech-train-clean-100 beside the project
+    (export.devdata.resolve_data_dir), if that folder exists."""
+    return resolve_data_dir(None)
 
 
 def add_data_dir_argument(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +54,36 @@ def require_data_dir(parser: argparse.ArgumentParser, data_dir: Path | None) -> 
 
 def free_port() -> int:
     return free_ports(1)[0]
+
+
+def make_clips(
+    data_dir: Path, count: int, start_s: float = 1.0, seconds: float = 4.0
+) -> list[bytes]:
+    """`count` WAV clips of `seconds` s at 16 kHz: one per file from `start_s`, then later cuts."""
+    import soundfile
+
+    files = sorted(data_dir.glob("*.flac")) + sorted(data_dir.glob("*.wav"))
+    clips: list[bytes] = []
+    offset = start_s
+    while len(clips) < count:
+        added = 0
+        for path in files:
+            wav, rate = soundfile.read(path, dtype="float32", always_2d=False)
+            if rate != SAMPLE_RATE or wav.ndim != 1:
+                continue
+            begin, end = int(offset * rate), int((offset + seconds) * rate)
+            if end > len(wav):
+                continue
+            buffer = io.BytesIO()
+            soundfile.write(buffer, wav[begin:end], rate, format="WAV", subtype="PCM_16")
+            clips.append(buffer.getvalue())
+            added += 1
+            if len(clips) == count:
+                break
+        if not added:
+            raise SystemExit(f"{data_dir} has too little 16 kHz mono audio for {count} clips")
+        offset += seconds + 1.0
+    return clips
 
 
 def log(message: str) -> None:
@@ -170,12 +200,59 @@ async def in_process_service(
             "model_repository": model_repository or MODEL_REPOSITORY,
             "state_dir": state_dir or Path(tmp),
             "grace_seconds": 2.0,
+            "metrics_port": free_port(),  # not the fixed default another may hold
         }
-        if "metrics_port" in {f.name for f in dataclasses.fields(Settings)}:
-            overrides["metrics_port"] = free_port()  # not the fixed default another may hold
         settings = Settings.load(overrides)
         async with VoicegateApp(settings) as app:
             yield f"127.0.0.1:{app.port}"
+
+
+async def embed_all(stub: Any, requests: Sequence[Any], concurrency: int) -> list[float]:
+    """Every Embed request once, in order, `concurrency` calls in flight: their latencies."""
+    latencies: list[float] = []
+    next_index = 0
+
+    async def worker() -> None:
+        nonlocal next_index
+        while next_index < len(requests):
+            request = requests[next_index]
+            next_index += 1
+            start = time.perf_counter()
+            response = await stub.Embed(request, timeout=120)
+            latencies.append(time.perf_counter() - start)
+            if len(response.embedding) != 256:
+                raise RuntimeError(f"bad embedding of {len(response.embedding)} values")
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies
+
+
+def rotating_rounds(
+    servers: dict[str, ServeProcess],
+    levels: Sequence[int],
+    rounds: int,
+    measure: Callable[[ServeProcess, int], dict[str, Any]],
+    quiet_wait_s: float = 0.0,
+) -> list[dict[str, dict[str, Any]]]:
+    """`rounds` rounds of `measure(server, level)` for every level and server, keyed
+    "NAME c=LEVEL". Round n visits the servers rotated by n (two: alternating order), each
+    measurement after a wait of up to `quiet_wait_s` for a lull (`wait_for_quiet`)."""
+    names = list(servers)
+    width = max(len(f"{name} c={level}") for name in names for level in levels)
+    out: list[dict[str, dict[str, Any]]] = []
+    for number in range(rounds):
+        shift = number % len(names)
+        order = names[shift:] + names[:shift]
+        results: dict[str, dict[str, Any]] = {}
+        for level in levels:
+            for name in order:
+                if quiet_wait_s > 0:
+                    wait_for_quiet(quiet_wait_s)
+                key = f"{name} c={level}"
+                results[key] = measure(servers[name], level)
+                log(f"round {number + 1}: {key:{width}s} {results[key]['utt_per_s']:6.1f} utt/s")
+        out.append(results)
+    return out
 
 
 async def wait_serving(target: str, timeout_s: float = 60.0) -> None:

@@ -1,8 +1,9 @@
 """Overload: offered load far beyond what the service sustains, loopback only, bounded in time.
 
 Against `voicegate serve` started as its own process (state in a temp dir, its default settings
-unless `--limit` sets VOICEGATE_MAX_INFLIGHT_REQUESTS), Embed calls of 4.0 s clips (16-bit WAV,
-`audio.content`, cut at 1.0 s from the first `--clips` dev files) from a grpc.aio client here:
+unless `--limit` sets VOICEGATE_MAX_INFLIGHT_REQUESTS), Embed calls of `--clips` 4.0 s clips
+(16-bit WAV, `audio.content`, `benchmarks.common.make_clips`: cut at 1.0 s from the first dev
+files long enough) from a grpc.aio client here:
 
 1. `sequential`: one call at a time for `--phase-s` / 3 s: the unloaded latency.
 2. `closed`: `--concurrency` calls always in flight for `--phase-s`: the sustainable rate R.
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import time
 from collections import Counter
@@ -34,13 +34,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from benchmarks.common import (
     GRPC_OPTIONS,
     ServeProcess,
     add_data_dir_argument,
     log,
+    make_clips,
     percentile,
     require_data_dir,
     wait_serving,
@@ -48,20 +47,6 @@ from benchmarks.common import (
 from server.config import Settings
 
 CLIP_S = 4.0
-
-
-def clips(data_dir: Path, count: int) -> list[bytes]:
-    import soundfile
-
-    out = []
-    for path in sorted(data_dir.glob("*.flac"))[:count]:
-        samples, rate = soundfile.read(path, dtype="float32")
-        piece = np.asarray(samples[rate : rate + int(CLIP_S * rate)])
-        if len(piece) == int(CLIP_S * rate):
-            buffer = io.BytesIO()
-            soundfile.write(buffer, piece, rate, format="WAV", subtype="PCM_16")
-            out.append(buffer.getvalue())
-    return out
 
 
 def rss_mib(pid: int) -> float:
@@ -152,7 +137,7 @@ async def run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
     env["VOICEGATE_MAX_INFLIGHT_REQUESTS"] = str(args.limit or Settings.max_inflight_requests)
     requests = [
         speaker_pb2.EmbedRequest(audio=audio_pb2.Audio(content=data))
-        for data in clips(data_dir, args.clips)
+        for data in make_clips(data_dir, args.clips, 1.0, CLIP_S)
     ]
     with ServeProcess(env=env) as serve:
         assert serve.proc is not None

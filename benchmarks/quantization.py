@@ -37,20 +37,19 @@ import argparse
 import collections
 import functools
 import json
-import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from benchmarks.common import add_data_dir_argument, log, require_data_dir
+from export.validation import Embed
 
 BATCHES = (1, 8, 32)
 REQUEST_PARTIALS = 8
-Embed = Callable[[np.ndarray], np.ndarray]
 
 
 # ---------------------------------------------------------------- the unrolled variant
@@ -62,6 +61,7 @@ def unrolled_static_int8(encoder: Any, calibration: np.ndarray, path: Path) -> d
     from onnx import TensorProto, helper, numpy_helper
 
     from export import int8_invariant as inv
+    from export.onnx_export import PARTIAL_FRAMES
 
     layers, linear_w, linear_b = inv.encoder_weights(encoder)
     bounds = inv.kernel_bounds()
@@ -122,7 +122,7 @@ def unrolled_static_int8(encoder: Any, calibration: np.ndarray, path: Path) -> d
                 const(f"b{index}", layer.bias),
             ],
         )
-        steps = op("Split", [projection], outputs=inv.FRAMES, axis=0)
+        steps = op("Split", [projection], outputs=PARTIAL_FRAMES, axis=0)
         rq_name, rs_name = const(f"rq{index}", rq.q.T.copy()), const(f"rs{index}", rq.scale)
         c, h, outputs = "", "", []
         for step in steps:
@@ -165,42 +165,6 @@ def unrolled_static_int8(encoder: Any, calibration: np.ndarray, path: Path) -> d
 
 
 # ---------------------------------------------------------------- measuring
-
-
-def time_embeds(
-    embeds: dict[str, Embed], rounds: int, seconds: float
-) -> dict[str, dict[str, dict[str, float]]]:
-    """Interleaved partials/s (CPU time of this process, and wall) per variant and batch."""
-    from export.validation import random_partials
-
-    inputs = {b: random_partials(b, seed=b) for b in BATCHES}
-    cpu: dict[tuple[str, int], list[float]] = collections.defaultdict(list)
-    wall: dict[tuple[str, int], list[float]] = collections.defaultdict(list)
-    for embed in embeds.values():
-        for mels in inputs.values():
-            embed(mels)
-    for index in range(rounds):
-        names = list(embeds) if index % 2 == 0 else list(embeds)[::-1]
-        for batch, mels in inputs.items():
-            for name in names:
-                done, cpu_start, wall_start = 0, time.process_time(), time.perf_counter()
-                while (used := time.process_time() - cpu_start) < seconds:
-                    embeds[name](mels)
-                    done += batch
-                cpu[(name, batch)].append(done / used)
-                wall[(name, batch)].append(done / (time.perf_counter() - wall_start))
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for name in embeds:
-        out[name] = {}
-        for batch in BATCHES:
-            rates = cpu[(name, batch)]
-            median = statistics.median(rates)
-            out[name][str(batch)] = {
-                "partials_per_cpu_s": round(median, 1),
-                "partials_per_s": round(statistics.median(wall[(name, batch)]), 1),
-                "spread": round((max(rates) - min(rates)) / median, 3),
-            }
-    return out
 
 
 def ratio_to_fp32(
@@ -269,6 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from export.encoder import load_encoder
     from export.onnx_export import export_onnx, run, session
     from export.quantize import quantize_int8
+    from export.throughput import compare
 
     started = time.perf_counter()
     dev = load_dev_set(data_dir, args.validation_utterances)
@@ -318,15 +283,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         targets = dev.all_partials[:24]
         for name, embed in embeds.items():
             log(f"accuracy and invariance: {name}")
-            whole = evaluation.embed_utterances(embed, dev.partials)
+            whole = validation.batched_utterance_embeddings(
+                embed, dev.partials, evaluation.SERVED_BATCH
+            )
             both = evaluation.embed_halves(embed, halves)
             results["variants"][name] = {
                 "onnx_bytes": sizes[name],
-                "cosine_whole_utterances": evaluation.cosine_figures(
-                    whole, reference_whole, dev.files
+                "cosine_whole_utterances": validation.check_cosine(
+                    name, whole, reference_whole, dev.files, limit=None
                 ),
-                "cosine_trial_halves": evaluation.cosine_figures(
-                    np.concatenate(both), np.concatenate(reference_halves), half_names
+                "cosine_trial_halves": validation.check_cosine(
+                    name,
+                    np.concatenate(both),
+                    np.concatenate(reference_halves),
+                    half_names,
+                    limit=None,
                 ),
                 "eer": evaluation.equal_error_rate(*both),
                 "batch_invariance": evaluation.batch_invariance(
@@ -343,7 +314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 more = {n: session(p, threads) for n, p in paths.items()}
                 timed = {n: functools.partial(run, sess) for n, sess in more.items()}
                 timed["dynamic int8, per request"] = per_request(timed["dynamic int8"])
-            speeds = time_embeds(timed, args.rounds, args.seconds)
+            timings = compare(timed, BATCHES, args.rounds, args.seconds, threads)
+            speeds = {name: figures["by_batch"] for name, figures in timings.items()}
             results[f"throughput_{threads}_threads"] = {
                 "by_variant": speeds,
                 "ratio_to_fp32_cpu_time": ratio_to_fp32(speeds),

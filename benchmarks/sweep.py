@@ -34,11 +34,12 @@ from benchmarks.common import (
     ServeProcess,
     add_data_dir_argument,
     log,
+    make_clips,
     median_and_spread,
     require_data_dir,
-    wait_for_quiet,
+    rotating_rounds,
 )
-from benchmarks.throughput import e2e_step, make_clips
+from benchmarks.throughput import e2e_step
 
 CONFIG_KEYS = ("instances", "delay", "intra", "max_batch")
 
@@ -105,7 +106,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
 
     clips = make_clips(data_dir, args.clips, 1.0, 4.0)
-    rounds: list[dict[str, dict[str, Any]]] = []
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="voicegate-sweep-") as tmp:
         servers = {}
         for variant in variants:
@@ -116,21 +116,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             log(f"starting {variant.name}: config {variant.config}, env {variant.env}")
             servers[variant.name] = stack.enter_context(ServeProcess(repository, variant.env))
-        for number in range(args.rounds):
-            shift = number % len(variants)
-            order = variants[shift:] + variants[:shift]
-            results: dict[str, dict[str, Any]] = {}
-            for level in args.levels:
-                for variant in order:
-                    server = servers[variant.name]
-                    key = f"{variant.name} c={level}"
-                    if args.quiet_wait > 0:
-                        wait_for_quiet(args.quiet_wait)
-                    results[key] = e2e_step(
-                        server.target, clips, level, server.pids(), server.triton_url()
-                    )
-                    log(f"round {number + 1}: {key:24s} {results[key]['utt_per_s']:6.1f} utt/s")
-            rounds.append(results)
+        rounds = rotating_rounds(
+            servers,
+            args.levels,
+            args.rounds,
+            lambda server, level: e2e_step(
+                server.target, clips, level, server.pids(), server.triton_url()
+            ),
+            args.quiet_wait,
+        )
 
     base = variants[0].name
     print(f"\n{len(clips)} clips, {args.rounds} rounds; ratio = same-round utt/s / {base}'s")

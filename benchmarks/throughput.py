@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
 import json
 import os
 import pickle
@@ -65,7 +64,9 @@ from benchmarks.common import (
     ServeProcess,
     add_data_dir_argument,
     cpu_meter,
+    embed_all,
     log,
+    make_clips,
     median_and_spread,
     model_fingerprints,
     percentile,
@@ -74,7 +75,6 @@ from benchmarks.common import (
     wait_serving,
 )
 
-SAMPLE_RATE = 16_000
 LEVELS = (1, 8, 32)
 CEILING_VARIANTS = ("seq ort2", "seq ort1", "2 threads ort1", "2 procs ort1")
 RESEMBLYZER_THREADS = (1, 2)
@@ -85,35 +85,7 @@ GOAL_RESEMBLYZER = 1.5
 QUIET_CORES = 0.15
 
 
-# ---------------------------------------------------------------- clips
-
-
-def make_clips(data_dir: Path, count: int, start_s: float, seconds: float) -> list[bytes]:
-    """`count` WAV clips of `seconds` s at 16 kHz: one per file from `start_s`, then later cuts."""
-    import soundfile
-
-    files = sorted(data_dir.glob("*.flac")) + sorted(data_dir.glob("*.wav"))
-    clips: list[bytes] = []
-    offset = start_s
-    while len(clips) < count:
-        added = 0
-        for path in files:
-            wav, rate = soundfile.read(path, dtype="float32", always_2d=False)
-            if rate != SAMPLE_RATE or wav.ndim != 1:
-                continue
-            begin, end = int(offset * rate), int((offset + seconds) * rate)
-            if end > len(wav):
-                continue
-            buffer = io.BytesIO()
-            soundfile.write(buffer, wav[begin:end], rate, format="WAV", subtype="PCM_16")
-            clips.append(buffer.getvalue())
-            added += 1
-            if len(clips) == count:
-                break
-        if not added:
-            raise SystemExit(f"{data_dir} has too little 16 kHz mono audio for {count} clips")
-        offset += seconds + 1.0
-    return clips
+# ---------------------------------------------------------------- a. end to end
 
 
 def summarize(latencies: Sequence[float], elapsed: float) -> dict[str, float]:
@@ -122,28 +94,6 @@ def summarize(latencies: Sequence[float], elapsed: float) -> dict[str, float]:
         "p50_ms": 1000 * percentile(latencies, 50),
         "p99_ms": 1000 * percentile(latencies, 99),
     }
-
-
-# ---------------------------------------------------------------- a. end to end
-
-
-async def _drive(stub: Any, requests: Sequence[Any], concurrency: int) -> list[float]:
-    latencies: list[float] = []
-    next_index = 0
-
-    async def worker() -> None:
-        nonlocal next_index
-        while next_index < len(requests):
-            request = requests[next_index]
-            next_index += 1
-            start = time.perf_counter()
-            response = await stub.Embed(request, timeout=120)
-            latencies.append(time.perf_counter() - start)
-            if len(response.embedding) != 256:
-                raise RuntimeError(f"bad embedding of {len(response.embedding)} values")
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return latencies
 
 
 def triton_statistics(triton_url: str | None) -> dict[str, float]:
@@ -205,12 +155,12 @@ async def end_to_end(
     ]
     async with grpc.aio.insecure_channel(target, options=GRPC_OPTIONS) as channel:
         stub = speaker_pb2_grpc.SpeakerServiceStub(channel)
-        await _drive(stub, requests[: max(16, 2 * concurrency)], concurrency)
+        await embed_all(stub, requests[: max(16, 2 * concurrency)], concurrency)
         triton_before = triton_statistics(triton_url)
         me = os.getpid()
         with cpu_meter([me, *server_pids], {me: "client"}) as used:
             began = time.perf_counter()
-            latencies = await _drive(stub, requests, concurrency)
+            latencies = await embed_all(stub, requests, concurrency)
             elapsed = time.perf_counter() - began
         triton = triton_delta(triton_before, triton_statistics(triton_url))
     return {

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import statistics
@@ -40,20 +39,20 @@ import time
 from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 from benchmarks.common import (
     GRPC_OPTIONS,
     ServeProcess,
     add_data_dir_argument,
     cpu_meter,
+    embed_all,
     log,
+    make_clips,
     require_data_dir,
     wait_for_quiet,
 )
 
 MODEL = "ge2e_int8"
-SAMPLE_RATE = 16_000
 CLIP_SECONDS = 4.0
 BUDGET = 0.05  # the most throughput tracing may cost
 
@@ -123,31 +122,6 @@ def config_env(name: str, receiver: SinkReceiver) -> dict[str, str]:
     return env
 
 
-def make_clips(data_dir: Path, count: int) -> list[bytes]:
-    """`count` 4 s WAV clips at 16 kHz, cut from successive files (and later offsets)."""
-    import soundfile
-
-    files = sorted(data_dir.glob("*.flac"))
-    clips: list[bytes] = []
-    offset = 1.0
-    while len(clips) < count:
-        before = len(clips)
-        for path in files:
-            wav, rate = soundfile.read(path, dtype="float32", always_2d=False)
-            begin, end = int(offset * rate), int((offset + CLIP_SECONDS) * rate)
-            if rate != SAMPLE_RATE or wav.ndim != 1 or end > len(wav):
-                continue
-            buffer = io.BytesIO()
-            soundfile.write(buffer, wav[begin:end], rate, format="WAV", subtype="PCM_16")
-            clips.append(buffer.getvalue())
-            if len(clips) == count:
-                break
-        if len(clips) == before:
-            raise SystemExit(f"{data_dir} has too little 16 kHz mono speech for {count} clips")
-        offset += CLIP_SECONDS + 1.0
-    return clips
-
-
 async def drive(
     target: str, clips: Sequence[bytes], args: argparse.Namespace, pids: Sequence[int]
 ) -> tuple[float, dict[str, float]]:
@@ -162,25 +136,13 @@ async def drive(
     ]
     async with grpc.aio.insecure_channel(target, options=GRPC_OPTIONS) as channel:
         stub = speaker_pb2_grpc.SpeakerServiceStub(channel)
-
-        async def run(batch: Sequence[Any]) -> None:
-            queue = list(reversed(batch))
-
-            async def worker() -> None:
-                while queue:
-                    reply = await stub.Embed(queue.pop(), timeout=120)
-                    if len(reply.embedding) != 256:
-                        raise RuntimeError("bad embedding")
-
-            await asyncio.gather(*(worker() for _ in range(args.concurrency)))
-
-        await run(requests[: args.warm_up])
+        await embed_all(stub, requests[: args.warm_up], args.concurrency)
         await asyncio.sleep(args.settle_s)
         wait_for_quiet(args.quiet_wait_s)
         me = os.getpid()
         with cpu_meter([me, *pids], {me: "client", pids[0]: "front server"}) as used:
             began = time.perf_counter()
-            await run(requests)
+            await embed_all(stub, requests, args.concurrency)
             elapsed = time.perf_counter() - began
             # Spans still queued are exported within the schedule delay: count that CPU too.
             await asyncio.sleep(args.settle_s)
@@ -236,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "off" not in configs:
         parser.error("--configs needs off, the reference")
 
-    clips = make_clips(data_dir, args.clips)
+    clips = make_clips(data_dir, args.clips, 1.0, CLIP_SECONDS)
     receiver = SinkReceiver()
     servers = {name: ServeProcess(env=config_env(name, receiver)) for name in configs}
     rounds: list[dict[str, dict]] = []

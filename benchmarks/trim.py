@@ -39,14 +39,15 @@ from benchmarks.common import (
     ServeProcess,
     add_data_dir_argument,
     log,
+    make_clips,
     median_and_spread,
     model_fingerprints,
     require_data_dir,
-    wait_for_quiet,
+    rotating_rounds,
     wait_serving,
 )
 from benchmarks.eer import Recording, cosine_eer, embed_all, load_recordings
-from benchmarks.throughput import e2e_step, make_clips
+from benchmarks.throughput import e2e_step
 
 TRIMS = ("energy", "vad")
 
@@ -167,21 +168,16 @@ def measure_throughput(
         keep = [a and b for a, b in zip(keep, ok, strict=True)]
     clips = [clip for clip, kept in zip(all_clips, keep, strict=True) if kept]
     log(f"throughput on the {len(clips)} of {len(all_clips)} clips both trims accept")
-    rounds: list[dict[str, dict[str, Any]]] = []
-    for number in range(args.rounds):
-        order = TRIMS if number % 2 == 0 else TRIMS[::-1]
-        results: dict[str, dict[str, Any]] = {}
-        for level in args.levels:
-            for trim in order:
-                server = servers[trim]
-                if args.quiet_wait > 0:
-                    wait_for_quiet(args.quiet_wait)
-                key = f"{trim} c={level}"
-                results[key] = e2e_step(
-                    server.target, clips, level, server.pids(), server.triton_url()
-                )
-                log(f"round {number + 1}: {key:14s} {results[key]['utt_per_s']:6.1f} utt/s")
-        rounds.append(results)
+    # The two trims in alternating order each round.
+    rounds = rotating_rounds(
+        {trim: servers[trim] for trim in TRIMS},
+        args.levels,
+        args.rounds,
+        lambda server, level: e2e_step(
+            server.target, clips, level, server.pids(), server.triton_url()
+        ),
+        args.quiet_wait,
+    )
     summary: dict[str, Any] = {}
     for level in args.levels:
         for trim in TRIMS:

@@ -11,7 +11,8 @@ import numpy as np
 from server.audio import load_file
 from server.features import prepare_utterance
 
-DEFAULT_DATA_DIR = Path("/work/shared/data/librispeech-train-clean-100")
+# ../shared/data beside the project (parents[1] is the project root, parents[2] its folder).
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared/data/librispeech-train-clean-100"
 AUDIO_SUFFIXES = (".flac", ".wav")
 
 

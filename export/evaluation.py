@@ -12,21 +12,18 @@ calibrate the int8 weights are left out of these trials.
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from export.validation import Embed, batched_utterance_embeddings
 from server.errors import ExportError, NotEnoughSpeech
-
-Embed = Callable[[np.ndarray], np.ndarray]  # partials [B, 160, 40] -> embeddings [B, 256]
 
 SERVED_BATCH = 64
 INVARIANCE_LIMIT = 1e-5
-MIN_HALF_SECONDS = 0.5
 # An EER on fewer same-speaker trials moves by whole trials (1/n): too coarse to hold a
 # precision to 0.1 points, so below this it is reported but not enforced.
 EER_MIN_RECORDINGS = 100
@@ -41,10 +38,6 @@ class Halves:
     first: tuple[np.ndarray, ...]
     second: tuple[np.ndarray, ...]
     skipped: tuple[str, ...]
-
-    @property
-    def n_partials(self) -> int:
-        return sum(len(p) for p in itertools.chain(self.first, self.second))
 
 
 def recordings(data_dir: Path) -> list[Path]:
@@ -76,17 +69,17 @@ def calibration_sample(
 
 def load_halves(files: Sequence[Path]) -> Halves:
     """Split each recording in two (`server.calibration.split_halves`) and cut its partials;
-    recordings with a half under 0.5 s of speech are skipped (and listed)."""
+    recordings with a half under `server.calibration.MIN_HALF_SECONDS` of speech are skipped
+    (and listed)."""
     from server.audio import load_file
-    from server.calibration import split_halves
-    from server.features import prepare_utterance
+    from server.calibration import prepare_half, split_halves
 
     names, first, second, skipped = [], [], [], []
     for path in files:
         a, b = split_halves(load_file(str(path)))
         try:
-            pa = prepare_utterance(a, min_speech_seconds=MIN_HALF_SECONDS).partials
-            pb = prepare_utterance(b, min_speech_seconds=MIN_HALF_SECONDS).partials
+            pa = prepare_half(a).partials
+            pb = prepare_half(b).partials
         except NotEnoughSpeech:
             skipped.append(path.name)
             continue
@@ -96,16 +89,10 @@ def load_halves(files: Sequence[Path]) -> Halves:
     return Halves(tuple(names), tuple(first), tuple(second), tuple(skipped))
 
 
-def embed_utterances(embed: Embed, utterances: Sequence[np.ndarray]) -> np.ndarray:
-    """[n, 256]: partials of several utterances share runs of up to SERVED_BATCH rows (as
-    Triton's batcher mixes requests), then each utterance's are averaged and normalised."""
-    from export.validation import batched_utterance_embeddings
-
-    return batched_utterance_embeddings(embed, utterances, SERVED_BATCH)
-
-
 def embed_halves(embed: Embed, halves: Halves) -> tuple[np.ndarray, np.ndarray]:
-    both = embed_utterances(embed, [*halves.first, *halves.second])
+    """Embeddings of the first and of the second halves; partials of several halves share
+    runs of up to SERVED_BATCH rows, as Triton's batcher mixes requests."""
+    both = batched_utterance_embeddings(embed, [*halves.first, *halves.second], SERVED_BATCH)
     return both[: len(halves.files)], both[len(halves.files) :]
 
 
@@ -121,21 +108,6 @@ def equal_error_rate(first: np.ndarray, second: np.ndarray) -> dict[str, Any]:
         "threshold": round(threshold, 5),
         "same_speaker_trials": int(labels.sum()),
         "different_speaker_trials": int((~labels).sum()),
-    }
-
-
-def cosine_figures(
-    candidate: np.ndarray, reference: np.ndarray, files: Sequence[str]
-) -> dict[str, Any]:
-    cosine = np.sum(candidate * reference, axis=1) / (
-        np.linalg.norm(candidate, axis=1) * np.linalg.norm(reference, axis=1)
-    )
-    worst = int(np.argmin(cosine))
-    return {
-        "utterances": len(cosine),
-        "cosine_min": round(float(cosine.min()), 6),
-        "cosine_mean": round(float(cosine.mean()), 6),
-        "worst": files[worst],
     }
 
 

@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from export.encoder import EMBEDDING, HIDDEN, LAYERS
+from export.onnx_export import N_MELS, OPSET, PARTIAL_FRAMES
 from server.errors import ExportError
 
 if TYPE_CHECKING:
@@ -47,11 +49,8 @@ if TYPE_CHECKING:
 
     from export.encoder import SpeakerEncoder
 
-HIDDEN = 256
 ANCHORS = 2  # one unit at the largest hidden value, one at the smallest
 PADDED = HIDDEN + ANCHORS
-FRAMES, MELS, EMBEDDING = 160, 40, 256
-OPSET = 17
 MS_DOMAIN = "com.microsoft"
 # torch keeps LSTM gates as (i, f, g, o); ONNX as (i, o, f, c).
 ONNX_GATES = (0, 3, 1, 2)
@@ -217,7 +216,7 @@ def encoder_weights(
         k: v.detach().cpu().numpy().astype(np.float32) for k, v in encoder.state_dict().items()
     }
     layers = []
-    for layer in range(3):
+    for layer in range(LAYERS):
 
         def reorder(a: np.ndarray) -> np.ndarray:
             return np.concatenate([np.split(a, 4, axis=0)[g] for g in ONNX_GATES], axis=0)
@@ -355,7 +354,7 @@ def layer_outputs(encoder: SpeakerEncoder, partials: np.ndarray) -> list[np.ndar
     torch.set_num_threads(1)
     try:
         with torch.no_grad():
-            for layer in range(3):
+            for layer in range(LAYERS):
                 single = torch.nn.LSTM(x.shape[-1], HIDDEN, 1, batch_first=True)
                 for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
                     getattr(single, f"{name}_l0").copy_(getattr(lstm, f"{name}_l{layer}"))
@@ -517,7 +516,11 @@ def build_model(
     graph = helper.make_graph(
         nodes,
         "ge2e_int8_invariant" if quantize else "ge2e_anchored_fp32",
-        [helper.make_tensor_value_info("mels", TensorProto.FLOAT, ["batch", FRAMES, MELS])],
+        [
+            helper.make_tensor_value_info(
+                "mels", TensorProto.FLOAT, ["batch", PARTIAL_FRAMES, N_MELS]
+            )
+        ],
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", EMBEDDING])],
         initializers,
     )

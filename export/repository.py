@@ -51,13 +51,12 @@ def committed_files(target: str) -> dict[str, bytes]:
 
 def check_no_other_target(repository: Path, target: str) -> None:
     """Refuse to overwrite the other target's models (both have a ge2e_fp32)."""
+    files = committed_files(target)
     for name in TARGET_MODELS[target]:
         config = repository / name / "config.pbtxt"
         if not config.is_file():
             continue
-        wanted = triton_config.parse_config(
-            committed_files(target)[f"{name}/config.pbtxt"].decode()
-        )
+        wanted = triton_config.parse_config(files[f"{name}/config.pbtxt"].decode())
         found = triton_config.parse_config(config.read_text())
         if (found.backend, found.platform) != (wanted.backend, wanted.platform):
             raise ExportError(

@@ -10,11 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from export.onnx_export import INPUT_NAME, N_MELS, OUTPUT_NAME, PARTIAL_FRAMES
+from server import vad_model
+
 MAX_BATCH_SIZE = 64
-FRAMES, MELS, EMBEDDING = 160, 40, 256
+FRAMES, MELS, EMBEDDING = PARTIAL_FRAMES, N_MELS, 256
 # Silero VAD (export/vad.py): frames of 64 context + 512 new samples, LSTM state h and c of 128.
-VAD_MODEL = "silero_vad"
-VAD_FRAME_WIDTH, VAD_HIDDEN = 576, 128
+VAD_MODEL = vad_model.MODEL_NAME
+VAD_FRAME_WIDTH, VAD_HIDDEN = vad_model.FRAME_WIDTH, vad_model.HIDDEN
 
 
 @dataclass(frozen=True)
@@ -130,16 +133,69 @@ TENSORRT_FP16 = {
     "max_workspace_size_bytes": str(1 << 30),
     "trt_engine_cache_enable": "1",
     "trt_engine_cache_path": "/tmp/voicegate_trt_cache",  # mount a volume to keep it
-    "trt_profile_min_shapes": f"mels:1x{FRAMES}x{MELS}",
-    "trt_profile_opt_shapes": f"mels:32x{FRAMES}x{MELS}",
-    "trt_profile_max_shapes": f"mels:{MAX_BATCH_SIZE}x{FRAMES}x{MELS}",
+    "trt_profile_min_shapes": f"{INPUT_NAME}:1x{FRAMES}x{MELS}",
+    "trt_profile_opt_shapes": f"{INPUT_NAME}:32x{FRAMES}x{MELS}",
+    "trt_profile_max_shapes": f"{INPUT_NAME}:{MAX_BATCH_SIZE}x{FRAMES}x{MELS}",
 }
 GPU_ACCELERATORS = {"ge2e_trt_fp16": ("tensorrt", TENSORRT_FP16)}
 
 
+def _tensors(kind: str, tensors: list[tuple[str, list[int]]]) -> tuple[str, ...]:
+    lines = [f"{kind} ["]
+    for index, (tensor, dims) in enumerate(tensors):
+        lines += [
+            "  {",
+            f'    name: "{tensor}"',
+            "    data_type: TYPE_FP32",
+            f"    dims: [ {', '.join(str(d) for d in dims)} ]",
+            "  }" + ("," if index < len(tensors) - 1 else ""),
+        ]
+    return (*lines, "]")
+
+
+ENCODER_IO = (
+    "# One request is one utterance's partials [n, 160, 40], n <= max_batch_size.",
+    *_tensors("input", [(INPUT_NAME, [FRAMES, MELS])]),
+    *_tensors("output", [(OUTPUT_NAME, [EMBEDDING])]),
+)
+VAD_IO = (
+    "# One request is one stream's window [1, W, 576] with its state [1, 2, 128]; the",
+    "# batcher merges windows of the same W from different streams (W = -1: any length).",
+    *_tensors(
+        "input",
+        [
+            (vad_model.FRAMES_INPUT, [-1, VAD_FRAME_WIDTH]),
+            (vad_model.STATE_INPUT, [2, VAD_HIDDEN]),
+        ],
+    ),
+    *_tensors(
+        "output",
+        [(vad_model.PROBS_OUTPUT, [-1]), (vad_model.STATE_OUTPUT, [2, VAD_HIDDEN])],
+    ),
+)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What differs between models in their configs: batching per target, inputs/outputs."""
+
+    cpu: Batching
+    gpu: Batching
+    io: tuple[str, ...]
+
+
+ENCODER_SPEC = ModelSpec(cpu=CPU_BATCHING, gpu=GPU_BATCHING, io=ENCODER_IO)
+# Models that are not GE2E encoders; every other name is one.
+MODEL_SPECS = {VAD_MODEL: ModelSpec(cpu=VAD_CPU_BATCHING, gpu=VAD_GPU_BATCHING, io=VAD_IO)}
+
+
+def model_spec(name: str) -> ModelSpec:
+    return MODEL_SPECS.get(name, ENCODER_SPEC)
+
+
 def cpu_config(name: str, batching: Batching | None = None) -> str:
     """A Python-backend model that runs its `model.onnx` with ONNX Runtime (see model.py)."""
-    batching = batching or (VAD_CPU_BATCHING if name == VAD_MODEL else CPU_BATCHING)
+    batching = batching or model_spec(name).cpu
     threads = batching.intra_op_threads or 1
     return _config(
         name,
@@ -159,7 +215,7 @@ def cpu_config(name: str, batching: Batching | None = None) -> str:
 
 def gpu_config(name: str, batching: Batching | None = None) -> str:
     """A model for Triton's native ONNX Runtime backend (NGC container) on the GPU."""
-    batching = batching or (VAD_GPU_BATCHING if name == VAD_MODEL else GPU_BATCHING)
+    batching = batching or model_spec(name).gpu
     accelerator = GPU_ACCELERATORS.get(name)
     return _config(
         name,
@@ -185,34 +241,6 @@ def _accelerator(name: str, parameters: dict[str, str]) -> tuple[str, ...]:
     )
 
 
-def _io(name: str) -> tuple[str, ...]:
-    if name == VAD_MODEL:
-        return (
-            "# One request is one stream's window [1, W, 576] with its state [1, 2, 128]; the",
-            "# batcher merges windows of the same W from different streams (W = -1: any length).",
-            *_tensors("input", [("frames", [-1, VAD_FRAME_WIDTH]), ("state", [2, VAD_HIDDEN])]),
-            *_tensors("output", [("probabilities", [-1]), ("state_out", [2, VAD_HIDDEN])]),
-        )
-    return (
-        "# One request is one utterance's partials [n, 160, 40], n <= max_batch_size.",
-        *_tensors("input", [("mels", [FRAMES, MELS])]),
-        *_tensors("output", [("embedding", [EMBEDDING])]),
-    )
-
-
-def _tensors(kind: str, tensors: list[tuple[str, list[int]]]) -> tuple[str, ...]:
-    lines = [f"{kind} ["]
-    for index, (tensor, dims) in enumerate(tensors):
-        lines += [
-            "  {",
-            f'    name: "{tensor}"',
-            "    data_type: TYPE_FP32",
-            f"    dims: [ {', '.join(str(d) for d in dims)} ]",
-            "  }" + ("," if index < len(tensors) - 1 else ""),
-        ]
-    return (*lines, "]")
-
-
 def parse_config(text: str) -> Any:
     """`ModelConfig` message of a config.pbtxt; raises text_format.ParseError when invalid."""
     from google.protobuf import text_format
@@ -234,7 +262,7 @@ def _config(
         f'name: "{name}"',
         *header,
         f"max_batch_size: {MAX_BATCH_SIZE}",
-        *_io(name),
+        *model_spec(name).io,
         *(f"# {line}" for line in batching.reason),
         "dynamic_batching {",
         f"  max_queue_delay_microseconds: {batching.queue_delay_us}",

@@ -30,22 +30,28 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from export.onnx_export import session
 from server.errors import ExportError
+
+# The served model's name, frame layout and tensor names: one definition, in its client.
+from server.vad_model import (
+    FRAME_SAMPLES,
+    FRAME_WIDTH,
+    FRAMES_INPUT,
+    HIDDEN,
+    MODEL_NAME,
+    PROBS_OUTPUT,
+    SAMPLE_RATE,
+    STATE_INPUT,
+    STATE_OUTPUT,
+    frames_of,
+)
 
 if TYPE_CHECKING:
     import onnx
     import onnxruntime
 
 log = logging.getLogger("voicegate.export")
-
-MODEL_NAME = "silero_vad"
-SAMPLE_RATE = 16000
-FRAME_SAMPLES = 512
-CONTEXT_SAMPLES = 64
-FRAME_WIDTH = CONTEXT_SAMPLES + FRAME_SAMPLES  # 576
-HIDDEN = 128
-FRAMES_INPUT, STATE_INPUT = "frames", "state"
-PROBS_OUTPUT, STATE_OUTPUT = "probabilities", "state_out"
 
 # Limits of the export's checks. The rewired graph runs the same operators as the per-chunk
 # model, so the difference is float rounding only (measured ~1e-7); a wiring mistake (wrong
@@ -175,31 +181,6 @@ def build_window_model(sequence: Path | None = None) -> onnx.ModelProto:
     return model
 
 
-def session(model: Path | bytes, threads: int = 1) -> onnxruntime.InferenceSession:
-    """A CPU session like the Triton model.py's: `threads` intra-op threads, sequential."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    source = model if isinstance(model, bytes) else str(model)
-    return onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-
-
-def frames_of(samples: np.ndarray, context: np.ndarray | None = None) -> np.ndarray:
-    """[n, 576] frames of `samples` (length a multiple of 512): each frame's 512 samples after
-    the previous 64 (`context`, zeros by default, before the first)."""
-    if len(samples) % FRAME_SAMPLES:
-        raise ValueError(f"sample count {len(samples)} is not a multiple of {FRAME_SAMPLES}")
-    head = np.zeros(CONTEXT_SAMPLES, np.float32) if context is None else context
-    padded = np.concatenate([np.asarray(head, np.float32), np.asarray(samples, np.float32)])
-    n = len(samples) // FRAME_SAMPLES
-    view = np.lib.stride_tricks.sliding_window_view(padded, FRAME_WIDTH)
-    return np.ascontiguousarray(view[: n * FRAME_SAMPLES : FRAME_SAMPLES])
-
-
 def per_chunk_probabilities(sess: onnxruntime.InferenceSession, samples: np.ndarray) -> np.ndarray:
     """The reference: the wheel's per-chunk model, one frame per run, its state fed back."""
     state = np.zeros((2, 1, HIDDEN), np.float32)
@@ -281,14 +262,14 @@ def validate(model: Path, data_dir: Path | None) -> dict[str, Any]:
     worst = {w: 0.0 for w in CHECK_WINDOWS}
     frames = 0
     speech_frames = 0
-    for samples in streams:
+    for index, samples in enumerate(streams):
         expected = per_chunk_probabilities(reference, samples)
         frames += len(expected)
+        if index < len(speech):
+            speech_frames += int(np.sum(expected > 0.5))
         for window in CHECK_WINDOWS:
             got = windowed_probabilities(window_sess, samples, window)
             worst[window] = max(worst[window], float(np.max(np.abs(got - expected))))
-    for samples in speech:
-        speech_frames += int(np.sum(per_chunk_probabilities(reference, samples) > 0.5))
     diff = max(worst.values())
     if not np.isfinite(diff) or diff > MAX_ABS_DIFF_VS_PER_CHUNK:
         raise ExportError(

@@ -62,9 +62,10 @@ def check_cosine(
     candidate: np.ndarray,
     reference: np.ndarray,
     files: Sequence[str],
-    limit: float = MIN_UTTERANCE_COSINE,
+    limit: float | None = MIN_UTTERANCE_COSINE,
 ) -> dict[str, Any]:
-    """Per-utterance cosine of two embedding sets; ExportError when any is below `limit`."""
+    """Per-utterance cosine of two embedding sets; ExportError when any is below `limit`
+    (None: only measured, as the benchmarks do)."""
     cosine = np.sum(candidate * reference, axis=1) / (
         np.linalg.norm(candidate, axis=1) * np.linalg.norm(reference, axis=1)
     )
@@ -77,7 +78,7 @@ def check_cosine(
         "worst_file": files[worst],
         "threshold": limit,
     }
-    if cosine[worst] < limit:
+    if limit is not None and cosine[worst] < limit:
         raise ExportError(
             f"{name}: utterance cosine to fp32 is {cosine[worst]:.5f} for {files[worst]}, "
             f"below {limit} (mean {cosine.mean():.5f} over {len(cosine)} utterances)"

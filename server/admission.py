@@ -14,32 +14,31 @@ the handler's task) frees its slot at once.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any
 
 import grpc
 
 from server.config import Settings
 from server.errors import Overloaded
-from server.grpc_errors import grpc_status, rewrap_handler
+from server.grpc_errors import LIGHT_METHODS, HandlerCache, abort_with, method_info, rewrap_handler
 from server.metrics import Metrics
-from server.telemetry import record_error
 
 log = logging.getLogger(__name__)
 
-# API methods that only read or delete a stored record: cheap, never refused for load.
-LIGHT_METHODS = frozenset({"GetSpeaker", "ListSpeakers", "DeleteSpeaker"})
-API_PACKAGE_PREFIX = "voicegate."
 _LOG_INTERVAL_S = 10.0
+# The size of the request message the current call received, as it came off the wire: set by
+# the deserializer (grpc.aio runs it in the call's task, right before the handler), so that
+# admission needs no second serialization of the request (ByteSize() walks the whole message).
+_REQUEST_BYTES: ContextVar[int] = ContextVar("voicegate_request_bytes", default=0)
 
 
 def is_work_method(full_method: str) -> bool:
-    """True for `/voicegate.vN.Service/Method` unless Method is one of LIGHT_METHODS."""
-    service, _, method = full_method.lstrip("/").rpartition("/")
-    return service.startswith(API_PACKAGE_PREFIX) and method not in LIGHT_METHODS
+    """True for a method of the API's services unless it is one of LIGHT_METHODS."""
+    return method_info(full_method).is_work
 
 
 class Admission:
@@ -52,10 +51,7 @@ class Admission:
         self.max_bytes = max_bytes
         self.in_flight = 0
         self.in_flight_bytes = 0
-        self.refused = 0
         self._metrics = metrics
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._refused_since_log = 0
         self._last_log = -_LOG_INTERVAL_S
         if metrics is not None:
@@ -74,24 +70,16 @@ class Admission:
             return "bytes"
         self.in_flight += 1
         self.in_flight_bytes += size
-        self._idle.clear()
         self._publish()
         return None
 
     def release(self, size: int) -> None:
         self.in_flight -= 1
         self.in_flight_bytes -= size
-        if self.in_flight == 0:
-            self._idle.set()
         self._publish()
-
-    async def wait_idle(self) -> None:
-        """Return once no work call is in flight."""
-        await self._idle.wait()
 
     def overloaded(self, method: str, reason: str) -> Overloaded:
         """Count a refusal (metric, a warning at most every 10 s) and return its error."""
-        self.refused += 1
         self._refused_since_log += 1
         if self._metrics is not None:
             self._metrics.admission_refused.labels(method, reason).inc()
@@ -126,13 +114,14 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
     Install it after the telemetry and token interceptors (refusals are then counted with their
     status code, and a call without a valid token never takes a slot) and before the error
     mapping.
+
+    A call's bytes are those of its request message as received; a call with a request stream
+    (StreamingEmbed) counts as a slot only.
     """
 
-    def __init__(
-        self, admission: Admission, is_work: Callable[[str], bool] = is_work_method
-    ) -> None:
+    def __init__(self, admission: Admission) -> None:
         self._admission = admission
-        self._is_work = is_work
+        self._handlers = HandlerCache(self._wrap)
 
     async def intercept_service(
         self,
@@ -141,25 +130,31 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         full = str(handler_call_details.method)
-        if handler is None or not self._is_work(full):
+        if handler is None or not method_info(full).is_work:
             return handler
-        method = full.rpartition("/")[2]
+        return self._handlers.get(full, handler)
+
+    def _wrap(self, full_method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        method = method_info(full_method).method
+        one_request = handler.unary_unary is not None or handler.unary_stream is not None
         return rewrap_handler(
             handler,
-            wrap_unary=lambda behavior: self._wrap_unary(behavior, method),
-            wrap_stream=lambda behavior: self._wrap_stream(behavior, method),
+            wrap_unary=lambda behavior: self._wrap_unary(behavior, method, one_request),
+            wrap_stream=lambda behavior: self._wrap_stream(behavior, method, one_request),
+            request_deserializer=_measuring(handler.request_deserializer) if one_request else None,
         )
 
     async def _refuse(self, context: grpc.aio.ServicerContext, method: str, reason: str) -> None:
-        error = self._admission.overloaded(method, reason)
-        record_error(error)
-        await context.abort(grpc_status(error), error.message)
+        error = self._admission.overloaded(method, reason)  # logs its own, rate-limited warning
+        await abort_with(context, error, method, log_level=logging.DEBUG)
 
-    def _wrap_unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+    def _wrap_unary(
+        self, behavior: Callable[..., Any], method: str, one_request: bool
+    ) -> Callable[..., Any]:
         admission = self._admission
 
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            size = _request_bytes(request)
+            size = _REQUEST_BYTES.get() if one_request else 0
             refusal = admission.try_acquire(size)
             if refusal is not None:
                 await self._refuse(context, method, refusal)
@@ -170,11 +165,13 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
 
         return wrapped
 
-    def _wrap_stream(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+    def _wrap_stream(
+        self, behavior: Callable[..., Any], method: str, one_request: bool
+    ) -> Callable[..., Any]:
         admission = self._admission
 
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            size = _request_bytes(request)
+            size = _REQUEST_BYTES.get() if one_request else 0
             refusal = admission.try_acquire(size)
             if refusal is not None:
                 await self._refuse(context, method, refusal)
@@ -187,10 +184,14 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
 
-def _request_bytes(request: Any) -> int:
-    """Serialized size of a request message; 0 for a request stream (counted as a slot only)."""
-    byte_size = getattr(request, "ByteSize", None)
-    return int(byte_size()) if callable(byte_size) else 0
+def _measuring(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
+    """`deserialize` that also notes the size of the serialized request (_REQUEST_BYTES)."""
+
+    def measured(raw: bytes) -> Any:
+        _REQUEST_BYTES.set(len(raw))
+        return raw if deserialize is None else deserialize(raw)
+
+    return measured
 
 
 __all__ = ["LIGHT_METHODS", "Admission", "AdmissionInterceptor", "is_work_method"]

@@ -51,33 +51,30 @@ def create_server(
     settings: Settings,
     core: SpeakerCore,
     health_servicer: health.aio.HealthServicer,
-    telemetry: Telemetry | None = None,
-    directory: SpeakerDirectory | None = None,
-    admission: Admission | None = None,
-    vad: VoiceActivityCore | None = None,
+    telemetry: Telemetry,
+    directory: SpeakerDirectory,
+    admission: Admission,
+    vad: VoiceActivityCore,
 ) -> tuple[grpc.aio.Server, int]:
     """The gRPC server with every service registered, bound to settings.host:port.
 
     Returns the server (not started) and the bound port, which differs from settings.port
-    when that is 0. With `telemetry`, every call gets a server span and RPC metrics (the
-    telemetry interceptor comes first so it sees the status code the error mapping settles on,
-    and the refusals of the token check that follows it). TLS (mutual with a client CA) and
-    bearer tokens as the settings say; their files are read here, once. Work calls beyond the
-    admission bounds (`admission`, else one from the settings) get RESOURCE_EXHAUSTED at once.
+    when that is 0. Every call gets a server span and RPC metrics (the telemetry interceptor
+    comes first so it sees the status code the error mapping settles on, and the refusals of
+    the token check that follows it). TLS (mutual with a client CA) and bearer tokens as the
+    settings say; their files are read here, once. Work calls beyond the `admission` bounds
+    get RESOURCE_EXHAUSTED at once.
     """
-    if admission is None:
-        admission = Admission.from_settings(settings, telemetry.metrics if telemetry else None)
-    # Outermost first: telemetry, token check, admission (no slot for a refused token), errors.
+    auth = TokenAuthInterceptor.from_settings(settings)  # reads the token file, once
+    credentials = server_credentials(settings)  # reads the TLS files, once
+    # Outermost first: telemetry (it records the refusals of what follows), token check,
+    # admission (no slot for a refused token), error mapping.
     interceptors: list[grpc.aio.ServerInterceptor] = [
+        TelemetryInterceptor(telemetry),
+        *([auth] if auth is not None else []),
         AdmissionInterceptor(admission),
         ErrorMappingInterceptor(),
     ]
-    auth = TokenAuthInterceptor.from_settings(settings)  # reads the token file, once
-    if auth is not None:
-        interceptors.insert(0, auth)  # after telemetry, which then records the refusals
-    credentials = server_credentials(settings)  # reads the TLS files, once
-    if telemetry is not None:
-        interceptors.insert(0, TelemetryInterceptor(telemetry))
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
@@ -87,8 +84,7 @@ def create_server(
         ],
     )
     speaker_pb2_grpc.add_SpeakerServiceServicer_to_server(SpeakerServicer(core, directory), server)
-    if vad is not None:  # VoiceActivityService (server/vad_servicer.py)
-        vad_pb2_grpc.add_VoiceActivityServiceServicer_to_server(VoiceActivityServicer(vad), server)
+    vad_pb2_grpc.add_VoiceActivityServiceServicer_to_server(VoiceActivityServicer(vad), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -165,7 +161,7 @@ class VoicegateApp:
             )
         calibration = Calibration.load(settings.calibration_file)
         self._encoder = TritonEncoder(
-            settings.triton_url or "127.0.0.1:1",
+            self.triton_url,  # the embedded Triton's ports are chosen when it is made
             timeout_s=settings.triton_timeout_s,
             telemetry=telemetry,
             retries=settings.triton_retries,
@@ -184,16 +180,19 @@ class VoicegateApp:
         )
         await self._server.start()
         if self.triton is not None:
-            # A restarted Triton may move to other ports; the client follows it.
+            # Triton may move to other ports (taken meanwhile, or at a restart): the client
+            # follows it.
             self.triton.on_url_change(self._encoder.set_url)
             await self.triton.start()
-            self._encoder.set_url(self.triton.grpc_url)
         await core.warm_up()
-        self._monitor = asyncio.create_task(self._watch_backend(), name="health-monitor")
-        if not await self._encoder.is_ready(settings.triton_models):
-            log.warning("Triton at %s is not ready yet; health stays NOT_SERVING", self.triton_url)
-        else:
+        ready = await self._encoder.is_ready(settings.triton_models)
+        if ready:
             await self._set_health(SERVING)
+        else:
+            log.warning("Triton at %s is not ready yet; health stays NOT_SERVING", self.triton_url)
+        self._monitor = asyncio.create_task(
+            self._watch_backend(True if ready else None), name="health-monitor"
+        )
         log.info(
             "voicegate ready: gRPC on port %d (%s, %s), metrics %s, Triton at %s (%s), "
             "encoders %s, VAD %s, traces %s",
@@ -256,17 +255,19 @@ class VoicegateApp:
         if self.triton is not None:
             await self.triton.stop()
         self._executor.shutdown(wait=False, cancel_futures=True)
-        self.metrics.close()
+        await asyncio.to_thread(self.metrics.close)  # joins the HTTP server's thread
         self.metrics_port = None
         if self._owns_tracing and self.tracing is not None:
             await asyncio.to_thread(self.tracing.shutdown)  # flushes spans still queued
             self.tracing = None
 
-    async def _watch_backend(self) -> None:
+    async def _watch_backend(self, serving: bool | None) -> None:
+        """Follow Triton's readiness with the health status; `serving`: the status start()
+        set from its own probe (None: not SERVING yet, and no outage to report)."""
         assert self._encoder is not None
-        serving: bool | None = None
         misses = 0
         while True:
+            await asyncio.sleep(self.settings.health_poll_s)
             ready = await self._encoder.is_ready(self.settings.triton_models)
             misses = 0 if ready else misses + 1
             # One slow probe on a loaded machine is no outage: NOT_SERVING after two misses
@@ -277,7 +278,6 @@ class VoicegateApp:
                     log.warning("Triton %s", "ready again" if ready else "not ready")
                 await self._set_health(SERVING if ready else NOT_SERVING)
                 serving = ready
-            await asyncio.sleep(self.settings.health_poll_s)
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
         for service in ("", *SERVICE_NAMES):

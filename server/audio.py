@@ -1,26 +1,30 @@
 """Decoding caller audio into one mono 16 kHz float32 waveform.
 
-Pure functions over bytes and numpy arrays: no gRPC, no file paths from requests. Every limit
-(`AudioLimits`) is checked before the samples are decoded where the header or the byte length
-tells enough: sample rate, channels and declared duration. Decoding then runs block by block,
-each block downmixed and resampled at once, and stops as soon as the duration limit is passed,
-so memory stays bounded by the 16 kHz mono output (a compressed file of silence expands a
-thousandfold) even when a header understates the length. Only the WAV, FLAC, OGG and MP3
+Functions over bytes and numpy arrays (`decode_audio` adds the request's telemetry around
+them): no gRPC, no file paths from requests. Every limit (`AudioLimits`) is checked before the
+samples are decoded where the header or the byte length tells enough: sample rate, channels and
+declared duration. Decoding then runs block by block, each block downmixed and resampled at
+once (`MonoConverter`, which raw streams use too), and stops as soon as the duration limit is
+passed, so memory stays bounded by the 16 kHz mono output (a compressed file of silence expands
+a thousandfold) even when a header understates the length. Only the WAV, FLAC, OGG and MP3
 parsers of libsndfile ever see request bytes.
 """
 
 from __future__ import annotations
 
 import io
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from server.errors import DeadlineExceeded, InvalidArgument, InvalidAudio
+from server.deadlines import time_left
+from server.errors import InvalidArgument, InvalidAudio
+
+if TYPE_CHECKING:
+    from server.telemetry import Telemetry
 
 SAMPLE_RATE = 16_000
 INT16_MAX = 2**15 - 1
@@ -65,6 +69,46 @@ class RawAudioSpec:
     format: SampleFormat | None
     sample_rate_hz: int
     channels: int = 1
+
+
+# A request's audio: a whole encoded file, or raw samples.
+AudioInput = bytes | RawAudioSpec
+
+
+def decode_audio(
+    audio: AudioInput,
+    field: str,
+    limits: AudioLimits,
+    deadline: float | None,
+    telemetry: Telemetry,
+) -> np.ndarray:
+    """A request's audio (`field`: its name, "audio" or "probe" say) decoded to mono 16 kHz
+    float32 in a "decode" stage of `telemetry`, and counted as decoded audio."""
+    from server.telemetry import (
+        ATTR_AUDIO_BYTES,
+        ATTR_AUDIO_FIELD,
+        ATTR_AUDIO_SECONDS,
+        ATTR_AUDIO_SOURCE,
+    )
+
+    if isinstance(audio, RawAudioSpec):
+        source, size = "raw", len(audio.samples)
+    else:
+        source, size = "content", len(audio)
+    attributes: dict[str, str | int] = {
+        ATTR_AUDIO_FIELD: field,
+        ATTR_AUDIO_SOURCE: source,
+        ATTR_AUDIO_BYTES: size,
+    }
+    with telemetry.stage("decode", attributes) as span:
+        if isinstance(audio, RawAudioSpec):
+            wav = decode_raw(audio, limits, f"{field}.raw", deadline)
+        else:
+            wav = decode_content(audio, limits, f"{field}.content", deadline)
+        seconds = len(wav) / SAMPLE_RATE
+        span.set_attribute(ATTR_AUDIO_SECONDS, seconds)
+    telemetry.count_audio("decoded", seconds)
+    return wav
 
 
 def decode_content(
@@ -134,22 +178,18 @@ def decode_raw(
     deadline: float | None = None,
 ) -> np.ndarray:
     """Decode raw interleaved PCM to mono 16 kHz float32 (`field`: the RawAudio's path)."""
-    channels = raw.channels or 1
-    if raw.format is None:
-        raise InvalidArgument(
-            f"{field}.format is required (LINEAR16 or FLOAT32)", field=f"{field}.format"
-        )
-    _check_rate(raw.sample_rate_hz, limits, f"{field}.sample_rate_hz")
-    _check_channels(channels, limits, f"{field}.channels")
+    sample_format, channels = check_raw_spec(
+        raw.format, raw.sample_rate_hz, raw.channels, limits, field
+    )
     samples_field = f"{field}.samples"
     if not raw.samples:
         raise InvalidAudio(f"{samples_field} is empty", field=samples_field)
-    dtype = np.dtype("<i2") if raw.format is SampleFormat.LINEAR16 else np.dtype("<f4")
+    dtype = raw_dtype(sample_format)
     frame_bytes = dtype.itemsize * channels
     if len(raw.samples) % frame_bytes:
         raise InvalidAudio(
             f"{samples_field} has {len(raw.samples)} bytes, not a multiple of "
-            f"{frame_bytes} ({channels} channel(s) of {raw.format.value})",
+            f"{frame_bytes} ({channels} channel(s) of {sample_format.value})",
             field=samples_field,
         )
     n_frames = len(raw.samples) // frame_bytes
@@ -159,14 +199,77 @@ def decode_raw(
             _too_long(samples_field, seconds, limits.max_seconds), field=samples_field
         )
     samples = np.frombuffer(raw.samples, dtype=dtype).reshape(n_frames, channels)
-    scale = np.float32(2**15)
+    blocks = (samples[start : start + BLOCK_FRAMES] for start in range(0, n_frames, BLOCK_FRAMES))
+    return _to_mono_16k(blocks, raw.sample_rate_hz, limits, samples_field, deadline)
 
-    def blocks() -> Iterator[np.ndarray]:
-        for start in range(0, n_frames, BLOCK_FRAMES):
-            block = samples[start : start + BLOCK_FRAMES].astype(np.float32)
-            yield block / scale if raw.format is SampleFormat.LINEAR16 else block
 
-    return _to_mono_16k(blocks(), raw.sample_rate_hz, limits, samples_field, deadline)
+def check_raw_spec(
+    sample_format: SampleFormat | None,
+    rate: int,
+    channels: int,
+    limits: AudioLimits,
+    field: str,
+) -> tuple[SampleFormat, int]:
+    """The format and channel count (0 means 1) of raw samples described by `field` (a
+    RawAudio or a stream's config); INVALID_ARGUMENT naming the sub-field that is wrong."""
+    if sample_format is None:
+        raise InvalidArgument(
+            f"{field}.format is required (SAMPLE_FORMAT_LINEAR16 or SAMPLE_FORMAT_FLOAT32)",
+            field=f"{field}.format",
+        )
+    channels = channels or 1
+    _check_rate(rate, limits, f"{field}.sample_rate_hz")
+    _check_channels(channels, limits, f"{field}.channels")
+    return sample_format, channels
+
+
+def raw_dtype(sample_format: SampleFormat) -> np.dtype[Any]:
+    """The numpy type of one raw sample (little-endian)."""
+    return np.dtype("<i2") if sample_format is SampleFormat.LINEAR16 else np.dtype("<f4")
+
+
+class MonoConverter:
+    """[frames, channels] blocks of samples at `rate` Hz, as they come, to mono 16 kHz float32.
+
+    int16 blocks are scaled by 1/32768; float blocks must be finite (INVALID_ARGUMENT naming
+    `field` otherwise). Each block is downmixed, clipped to [-1, 1] and fed to soxr's streaming
+    resampler, which gives bit for bit what one `soxr.resample` of the whole would; `finish`
+    returns what the resampler still holds.
+    """
+
+    def __init__(self, rate: int, field: str) -> None:
+        import soxr
+
+        self.frames = 0  # sample frames pushed, at the source rate
+        self._field = field
+        self._resampler: Any = None
+        if rate != SAMPLE_RATE:
+            self._resampler = soxr.ResampleStream(
+                rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ"
+            )
+
+    def push(self, block: np.ndarray) -> np.ndarray:
+        if block.dtype.kind == "i":
+            block = block.astype(np.float32)
+            block /= np.float32(2**15)
+        else:
+            block = block.astype(np.float32, copy=False)
+            if not np.isfinite(block).all():
+                raise InvalidAudio(
+                    f"{self._field} contains NaN or infinite samples", field=self._field
+                )
+        self.frames += len(block)
+        mono = np.clip(block.mean(axis=1, dtype=np.float32), -1.0, 1.0).astype(np.float32)
+        if self._resampler is None:
+            return mono
+        out: np.ndarray = self._resampler.resample_chunk(mono)
+        return out
+
+    def finish(self) -> np.ndarray:
+        if self._resampler is None:
+            return np.zeros(0, np.float32)
+        out: np.ndarray = self._resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+        return out
 
 
 def load_file(path: str, max_seconds: float = 3600.0) -> np.ndarray:
@@ -202,34 +305,23 @@ def _to_mono_16k(
     field: str,
     deadline: float | None,
 ) -> np.ndarray:
-    """Downmix, clip and resample [frames, channels] float32 blocks as they come.
-
-    The streamed resampler gives bit for bit what one `soxr.resample` of the whole would.
-    """
-    import soxr
-
-    resampler: Any = None
-    if rate != SAMPLE_RATE:
-        resampler = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+    """Convert [frames, channels] blocks (`MonoConverter`) as they come, within the duration
+    limit and the deadline."""
+    converter = MonoConverter(rate, field)
     max_frames = limits.max_seconds * rate
     parts: list[np.ndarray] = []
     frames = 0
     for block in blocks:
-        if deadline is not None and time.monotonic() > deadline:
-            raise DeadlineExceeded(f"deadline passed while decoding {field}")
+        time_left(deadline, f"while decoding {field}")
         frames += len(block)
         if frames > max_frames:
             raise InvalidArgument(
                 _too_long(field, frames / rate, limits.max_seconds, at_least=True), field=field
             )
-        if not np.isfinite(block).all():
-            raise InvalidAudio(f"{field} contains NaN or infinite samples", field=field)
-        mono = np.clip(block.mean(axis=1, dtype=np.float32), -1.0, 1.0).astype(np.float32)
-        parts.append(mono if resampler is None else resampler.resample_chunk(mono))
+        parts.append(converter.push(block))
     if frames == 0:
         raise InvalidAudio(f"{field} holds no samples", field=field)
-    if resampler is not None:
-        parts.append(resampler.resample_chunk(np.zeros(0, np.float32), last=True))
+    parts.append(converter.finish())
     return np.concatenate(parts).astype(np.float32, copy=False)
 
 

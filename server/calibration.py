@@ -35,7 +35,7 @@ from server.audio import SAMPLE_RATE, load_file
 from server.errors import NotEnoughSpeech, VoicegateError
 from server.features import Utterance, average_embedding, prepare_utterance
 from server.fusion import Calibration
-from server.mfcc import mfcc_statistics
+from server.mfcc import Normalization, mfcc_statistics, standardised_units
 
 DEGRADATIONS = ("noise", "bandpass", "codec", "gain")
 DEFAULT_FOLDS = 5
@@ -333,6 +333,12 @@ def split_halves(wav: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return wav[:cut], wav[cut:]
 
 
+def prepare_half(wav: np.ndarray) -> Utterance:
+    """One half of a split recording as the service prepares audio; NotEnoughSpeech under
+    MIN_HALF_SECONDS of speech."""
+    return prepare_utterance(wav, min_speech_seconds=MIN_HALF_SECONDS)
+
+
 def prepare_recordings(
     files: Sequence[Path],
     encoder: OnnxEncoder,
@@ -356,13 +362,9 @@ def prepare_recordings(
         else:
             kind, detail, degraded = "none", "none", second
         try:
-            a = prepare_utterance(first, min_speech_seconds=MIN_HALF_SECONDS)
-            b = prepare_utterance(degraded, min_speech_seconds=MIN_HALF_SECONDS)
-            b_clean = (
-                prepare_utterance(second, min_speech_seconds=MIN_HALF_SECONDS)
-                if clean_reference
-                else None
-            )
+            a = prepare_half(first)
+            b = prepare_half(degraded)
+            b_clean = prepare_half(second) if clean_reference else None
         except NotEnoughSpeech as exc:
             skipped.append(f"{path.name}: {exc.message}")
             continue
@@ -457,20 +459,12 @@ def mfcc_normalization(
 def mfcc_scores(
     recordings: Sequence[Recording],
     trials: Trials,
-    normalization: tuple[Sequence[float], Sequence[float]],
+    normalization: Normalization,
     clean: bool = False,
 ) -> np.ndarray:
     """`mfcc_score` of each trial (vectorised; equal to calling it pair by pair)."""
-    mean = np.asarray(normalization[0])
-    std = np.asarray(normalization[1])
-
-    def unit(sides: list[Side]) -> np.ndarray:
-        z = (np.stack([s.statistics for s in sides]).astype(np.float64) - mean) / std
-        norms = np.linalg.norm(z, axis=1, keepdims=True)
-        return z / np.where(norms == 0, 1.0, norms)
-
-    a = unit([r.a for r in recordings])
-    b = unit([_b(r, clean) for r in recordings])
+    a = standardised_units(np.stack([r.a.statistics for r in recordings]), normalization)
+    b = standardised_units(np.stack([_b(r, clean).statistics for r in recordings]), normalization)
     return np.clip(np.einsum("ij,ij->i", a[trials.enrol], b[trials.test]), -1.0, 1.0)
 
 
@@ -557,9 +551,7 @@ def calibrate(
         held = _cross_validate(recordings, trials, folds, clean_reference)
         normalization = mfcc_normalization(recordings)
         w_ge2e, w_mfcc, bias = fit_fusion(
-            ge2e_scores(recordings, trials),
-            mfcc_scores(recordings, trials, normalization),
-            trials.labels,
+            held.ge2e, mfcc_scores(recordings, trials, normalization), trials.labels
         )
     labels = trials.labels
     eer_fused, eer_threshold = equal_error_rate(held.fused, labels)

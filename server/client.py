@@ -39,13 +39,8 @@ class Connection:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
 
 
-def _connection(target: str | Connection) -> Connection:
-    return target if isinstance(target, Connection) else Connection(target)
-
-
-def embed_file(target: str | Connection, path: Path, model: str = "") -> speaker_pb2.EmbedResponse:
-    """Embed one local audio file with the server at `target`."""
-    connection = _connection(target)
+def embed_file(connection: Connection, path: Path, model: str = "") -> speaker_pb2.EmbedResponse:
+    """Embed one local audio file with the server at `connection`."""
     with connection.channel() as channel:
         stub = speaker_pb2_grpc.SpeakerServiceStub(channel)
         request = speaker_pb2.EmbedRequest(audio=_audio(path), model=model)
@@ -56,10 +51,9 @@ def embed_file(target: str | Connection, path: Path, model: str = "") -> speaker
 
 
 def verify_files(
-    target: str | Connection, reference: Path, probe: Path
+    connection: Connection, reference: Path, probe: Path
 ) -> speaker_pb2.VerifyResponse:
     """Verify whether two local audio files hold the same speaker."""
-    connection = _connection(target)
     with connection.channel() as channel:
         stub = speaker_pb2_grpc.SpeakerServiceStub(channel)
         request = speaker_pb2.VerifyRequest(reference=_audio(reference), probe=_audio(probe))

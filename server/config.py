@@ -6,6 +6,7 @@ Nothing here parses arguments at import time; the CLI turns its flags into overr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import types
 import typing
@@ -179,7 +180,7 @@ class Settings:
         ready for SERVING)."""
         return (*self.encoder_models, self.vad_model)
 
-    @property
+    @functools.cached_property  # a frozen dataclass without slots keeps a __dict__ for it
     def audio_limits(self) -> AudioLimits:
         """The limits a request's audio is held to (decoding and silence trimming)."""
         from server.audio import AudioLimits

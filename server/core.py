@@ -7,7 +7,6 @@ runs behind Triton, which batches the partial windows of concurrent requests tog
 from __future__ import annotations
 
 import asyncio
-import contextvars
 from collections.abc import AsyncIterable, Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -16,10 +15,10 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
-from server.audio import SAMPLE_RATE, RawAudioSpec, decode_content, decode_raw, normalize_volume
+from server.audio import SAMPLE_RATE, AudioInput, decode_audio, normalize_volume
 from server.config import Settings
-from server.deadlines import deadline_after, time_left
-from server.errors import DeadlineExceeded, InvalidArgument
+from server.deadlines import deadline_after, run_in_pool, time_left
+from server.errors import InvalidArgument
 from server.features import (
     Utterance,
     average_embedding,
@@ -30,12 +29,9 @@ from server.features import (
 )
 from server.fusion import Calibration
 from server.mfcc import mfcc_score, mfcc_statistics
-from server.streaming_embed import StreamingEmbedSession, vad_features
+from server.streaming_embed import StreamingEmbedSession, VadSpeechFeatures, vad_features
 from server.telemetry import (
-    ATTR_AUDIO_BYTES,
     ATTR_AUDIO_FIELD,
-    ATTR_AUDIO_SECONDS,
-    ATTR_AUDIO_SOURCE,
     ATTR_MODEL,
     ATTR_PARTIAL_COUNT,
     ATTR_SPEECH_SECONDS,
@@ -45,7 +41,8 @@ from server.telemetry import (
 from server.vad import VadParams, pad_to_frames
 from server.vad_core import SpeechProbabilities, StreamSpec
 
-AudioInput = bytes | RawAudioSpec
+__all__ = ["AudioInput", "EmbedResult", "Encoder", "SpeakerCore", "VerifyResult"]
+
 T = TypeVar("T")
 
 
@@ -79,8 +76,20 @@ class VerifyResult:
 
 @dataclass(frozen=True)
 class _Prepared:
-    utterance: Utterance
+    """An utterance ready for the encoder: its partial windows, the seconds of speech, and with
+    `with_mfcc` its MFCC statistics. `speech`: the trimmed, normalised waveform, kept where it
+    was built anyway (trim "energy", or for the MFCC); trim "vad" without MFCC never builds it.
+    """
+
+    partials: np.ndarray
+    speech_seconds: float
     mfcc: np.ndarray | None
+    speech: np.ndarray | None = None
+
+    @property
+    def utterance(self) -> Utterance:
+        assert self.speech is not None, "the speech waveform was not built"
+        return Utterance(speech=self.speech, partials=self.partials)
 
 
 class SpeakerCore:
@@ -105,13 +114,14 @@ class SpeakerCore:
         if settings.trim == "vad" and vad is None:
             raise ValueError('trim="vad" needs a VAD')
         self._settings = settings
+        self._limits = settings.audio_limits  # read once: a new object per access
         self._encoder = encoder
         self._calibration = calibration
         self._executor = executor
         self._telemetry = telemetry or DISABLED
         self._vad = vad if settings.trim == "vad" else None
         self._vad_params = VadParams()
-        self._vad_window_frames = int(getattr(vad, "window_frames", 32))  # its Triton requests
+        self._vad_window_frames = vad.window_frames if vad is not None else 0  # its Triton requests
         self.active_streams = 0  # StreamingEmbed calls open now
 
     @property
@@ -129,14 +139,8 @@ class SpeakerCore:
         deadline = deadline_after(timeout_s)
         model = self._check_model(model)
         prepared = await self._prepare(audio, "audio", with_mfcc=False, deadline=deadline)
-        result = await self._embed_prepared(prepared, model, deadline)
-        self._telemetry.annotate(
-            {
-                ATTR_MODEL: model,
-                ATTR_SPEECH_SECONDS: result.speech_seconds,
-                ATTR_PARTIAL_COUNT: result.partial_count,
-            }
-        )
+        result = await self._encode(prepared.partials, prepared.speech_seconds, model, deadline)
+        self._annotate(model, result.speech_seconds, result.partial_count)
         return result
 
     async def verify(
@@ -150,16 +154,14 @@ class SpeakerCore:
             self._prepare(probe, "probe", with_mfcc=True, deadline=deadline),
         )
         ref_emb, prb_emb = await asyncio.gather(
-            self._embed_prepared(ref, model, deadline),
-            self._embed_prepared(prb, model, deadline),
+            self._encode(ref.partials, ref.speech_seconds, model, deadline),
+            self._encode(prb.partials, prb.speech_seconds, model, deadline),
         )
         assert ref.mfcc is not None and prb.mfcc is not None
-        self._telemetry.annotate(
-            {
-                ATTR_MODEL: model,
-                ATTR_SPEECH_SECONDS: ref_emb.speech_seconds + prb_emb.speech_seconds,
-                ATTR_PARTIAL_COUNT: ref_emb.partial_count + prb_emb.partial_count,
-            }
+        self._annotate(
+            model,
+            ref_emb.speech_seconds + prb_emb.speech_seconds,
+            ref_emb.partial_count + prb_emb.partial_count,
         )
         with self._telemetry.stage("fusion"):  # scores stay out of spans: biometric results
             ge2e = float(np.dot(ref_emb.embedding, prb_emb.embedding))
@@ -182,7 +184,8 @@ class SpeakerCore:
         """
         deadline = deadline_after(timeout_s)
         prepared = await self._prepare(audio, field, with_mfcc=True, deadline=deadline)
-        result = await self._embed_prepared(prepared, self._settings.encoder_model, deadline)
+        model = self._settings.encoder_model
+        result = await self._encode(prepared.partials, prepared.speech_seconds, model, deadline)
         assert prepared.mfcc is not None
         return result, prepared.mfcc
 
@@ -202,11 +205,10 @@ class SpeakerCore:
         """
         deadline = deadline_after(timeout_s)
         model = self._check_model(model)
-        settings = self._settings
         vad = self._vad
         session = StreamingEmbedSession(
             spec,
-            settings,
+            self._settings,
             vad_params=self._vad_params,
             vad_window_frames=self._vad_window_frames,
         )
@@ -234,46 +236,29 @@ class SpeakerCore:
                 account()
             await self._run(session.end, deadline)
             self._telemetry.count_audio("decoded", session.decoded_seconds)
-            min_speech = settings.audio_limits.min_speech_seconds
+            min_speech = self._limits.min_speech_seconds
             if vad is None:
-                wav = session.audio()
+                telemetry = self._telemetry
                 prepared = await self._run(
-                    lambda: _prepare_wave(wav, min_speech, False, self._telemetry), deadline
+                    lambda: _prepare_wave(session.audio(), min_speech, False, telemetry), deadline
                 )
-                partials = prepared.utterance.partials
-                speech_seconds = prepared.utterance.speech_seconds
+                partials, speech_seconds = prepared.partials, prepared.speech_seconds
             else:
                 await self._stream_vad(session, vad, True, deadline)
-                # the speech itself is gone: a zero-strided stand-in of its length
-                samples = np.broadcast_to(np.float32(0), (session.speech_samples,))
-                speech_seconds = require_speech(samples, min_speech)
+                speech_seconds = require_speech(session.speech_samples, min_speech)
                 self._telemetry.count_audio("speech", speech_seconds)
                 with self._telemetry.stage("features") as span:
                     partials = await self._run(session.partials, deadline)
                     span.set_attribute(ATTR_PARTIAL_COUNT, len(partials))
             account()
-            with self._telemetry.timed("triton"):
-                embeddings = await self._encoder.embed_partials(
-                    partials, model, timeout_s=time_left(deadline)
-                )
+            result = await self._encode(partials, speech_seconds, model, deadline)
         finally:
             self.active_streams -= 1
             if metrics is not None:
                 metrics.streaming_sessions.dec()
                 metrics.streaming_bytes.dec(held)
-        self._telemetry.annotate(
-            {
-                ATTR_MODEL: model,
-                ATTR_SPEECH_SECONDS: speech_seconds,
-                ATTR_PARTIAL_COUNT: len(partials),
-            }
-        )
-        return EmbedResult(
-            embedding=average_embedding(embeddings),
-            model=model,
-            speech_seconds=speech_seconds,
-            partial_count=len(partials),
-        )
+        self._annotate(model, result.speech_seconds, result.partial_count)
+        return result
 
     async def _stream_vad(
         self,
@@ -312,55 +297,43 @@ class SpeakerCore:
             )
         return model
 
+    def _annotate(self, model: str, speech_seconds: float, partial_count: int) -> None:
+        """The RPC span's attributes of an embedding (or two, Verify's)."""
+        self._telemetry.annotate(
+            {
+                ATTR_MODEL: model,
+                ATTR_SPEECH_SECONDS: speech_seconds,
+                ATTR_PARTIAL_COUNT: partial_count,
+            }
+        )
+
     async def _prepare(
         self, audio: AudioInput, field: str, with_mfcc: bool, deadline: float | None
     ) -> _Prepared:
-        settings = self._settings
         telemetry = self._telemetry
-        limits = settings.audio_limits
-        if isinstance(audio, RawAudioSpec):
-            decode: Callable[[], np.ndarray] = lambda: decode_raw(  # noqa: E731
-                audio, limits, f"{field}.raw", deadline
-            )
-            source, size = "raw", len(audio.samples)
-        else:
-            decode = lambda: decode_content(  # noqa: E731
-                audio, limits, f"{field}.content", deadline
-            )
-            source, size = "content", len(audio)
-
-        def decoded() -> np.ndarray:
-            attributes: dict[str, str | int] = {
-                ATTR_AUDIO_FIELD: field,
-                ATTR_AUDIO_SOURCE: source,
-                ATTR_AUDIO_BYTES: size,
-            }
-            with telemetry.stage("decode", attributes) as span:
-                wav = decode()
-                seconds = len(wav) / SAMPLE_RATE
-                span.set_attribute(ATTR_AUDIO_SECONDS, seconds)
-            telemetry.count_audio("decoded", seconds)
-            return wav
-
+        limits = self._limits
         min_speech = limits.min_speech_seconds
+
+        def decode() -> np.ndarray:
+            return decode_audio(audio, field, limits, deadline, telemetry)
+
         if self._vad is None:  # trim "energy": decode and prepare in one trip to the pool
             return await self._run(
-                lambda: _prepare_wave(decoded(), min_speech, with_mfcc, telemetry, field), deadline
+                lambda: _prepare_wave(decode(), min_speech, with_mfcc, telemetry, field), deadline
             )
-        wav = await self._run(decoded, deadline)
+        wav, padded = await self._run(lambda: _with_padded(decode()), deadline)
         with telemetry.stage("vad", {ATTR_AUDIO_FIELD: field}):
-            probabilities, _ = await self._vad.probabilities(
-                pad_to_frames(wav), timeout_s=time_left(deadline)
-            )
+            probabilities, _ = await self._vad.probabilities(padded, timeout_s=time_left(deadline))
+        del padded
         vad = (probabilities, self._vad_params, self._vad_window_frames)
         return await self._run(
             lambda: _prepare_wave(wav, min_speech, with_mfcc, telemetry, field, vad), deadline
         )
 
-    async def _embed_prepared(
-        self, prepared: _Prepared, model: str, deadline: float | None
+    async def _encode(
+        self, partials: np.ndarray, speech_seconds: float, model: str, deadline: float | None
     ) -> EmbedResult:
-        partials = prepared.utterance.partials
+        """The encoder's embedding of an utterance's partial windows (one Triton request)."""
         with self._telemetry.timed("triton"):
             embeddings = await self._encoder.embed_partials(
                 partials, model, timeout_s=time_left(deadline)
@@ -368,19 +341,17 @@ class SpeakerCore:
         return EmbedResult(
             embedding=average_embedding(embeddings),
             model=model,
-            speech_seconds=prepared.utterance.speech_seconds,
+            speech_seconds=speech_seconds,
             partial_count=len(partials),
         )
 
     async def _run(self, work: Callable[[], T], deadline: float | None) -> T:
-        loop = asyncio.get_running_loop()
-        # The worker runs in the caller's context: its spans are children of the RPC's span.
-        context = contextvars.copy_context()
-        future = loop.run_in_executor(self._executor, context.run, work)
-        try:
-            return await asyncio.wait_for(future, timeout=time_left(deadline))
-        except TimeoutError:
-            raise DeadlineExceeded("deadline passed during audio preprocessing") from None
+        return await run_in_pool(self._executor, work, deadline, "audio preprocessing")
+
+
+def _with_padded(wav: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`wav` and, for the VAD, `wav` zero-padded to whole frames."""
+    return wav, pad_to_frames(wav)
 
 
 def _prepare_wave(
@@ -395,27 +366,42 @@ def _prepare_wave(
 
     `vad`: the recording's VAD probabilities (one per 512 samples), segment rules and the VAD
     client's window: the speech is then its VAD segments (trim "vad"), and its mel frames are
-    computed as StreamingEmbed computes them (`streaming_embed.vad_features`, during "trim").
+    computed as StreamingEmbed computes them (`streaming_embed.vad_features`, during "trim");
+    the speech waveform itself is built only for the MFCC, scaled by the mel's gain.
     """
     attributes = {ATTR_AUDIO_FIELD: field}
-    features = None
+    features: VadSpeechFeatures | None = None
+    speech: np.ndarray | None = None
     with telemetry.stage("trim", attributes) as span:
         if vad is None:
             speech = trim_silence(normalize_volume(wav))
+            speech_samples = len(speech)
         else:
             features = vad_features(wav, *vad)
-            segments = [(s.start_sample, s.end_sample) for s in features.segments]
-            speech = segments_speech(normalize_volume(wav), segments)
-            if len(speech) != features.speech_samples:
-                raise RuntimeError(f"VAD speech {len(speech)} != {features.speech_samples}")
-        span.set_attribute(ATTR_SPEECH_SECONDS, len(speech) / SAMPLE_RATE)
-        seconds = require_speech(speech, min_speech_seconds, field)
+            speech_samples = features.speech_samples
+        span.set_attribute(ATTR_SPEECH_SECONDS, speech_samples / SAMPLE_RATE)
+        seconds = require_speech(speech_samples, min_speech_seconds, field)
     telemetry.count_audio("speech", seconds)
     with telemetry.stage("features", attributes) as span:
-        partials = partial_windows(speech) if features is None else features.partials()
+        if features is None:
+            assert speech is not None
+            partials = partial_windows(speech)
+        else:
+            partials = features.partials()
         span.set_attribute(ATTR_PARTIAL_COUNT, len(partials))
     mfcc = None
     if with_mfcc:
         with telemetry.stage("mfcc", attributes):
+            if features is not None:
+                speech = _vad_speech(wav, features)
+            assert speech is not None
             mfcc = mfcc_statistics(speech)
-    return _Prepared(utterance=Utterance(speech=speech, partials=partials), mfcc=mfcc)
+    return _Prepared(partials=partials, speech_seconds=seconds, mfcc=mfcc, speech=speech)
+
+
+def _vad_speech(wav: np.ndarray, features: VadSpeechFeatures) -> np.ndarray:
+    """Trim "vad": the speech segments' samples, scaled by the gain the mel frames were
+    (`features.gain()`, the volume normalisation of the whole recording)."""
+    speech = segments_speech(wav, [(s.start_sample, s.end_sample) for s in features.segments])
+    gain = features.gain()
+    return speech if gain is None else (speech * gain).astype(np.float32)

@@ -14,7 +14,6 @@ class StatusCode(Enum):
     """The gRPC status codes this service uses, named without importing grpc."""
 
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
-    OUT_OF_RANGE = "OUT_OF_RANGE"
     NOT_FOUND = "NOT_FOUND"
     ALREADY_EXISTS = "ALREADY_EXISTS"
     FAILED_PRECONDITION = "FAILED_PRECONDITION"

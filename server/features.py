@@ -44,14 +44,14 @@ class Utterance:
 def prepare_utterance(wav: np.ndarray, min_speech_seconds: float = 0.5) -> Utterance:
     """Normalise, trim silence and cut the mel partials of a mono 16 kHz waveform."""
     speech = trim_silence(normalize_volume(wav))
-    require_speech(speech, min_speech_seconds)
+    require_speech(len(speech), min_speech_seconds)
     return Utterance(speech=speech, partials=partial_windows(speech))
 
 
-def require_speech(speech: np.ndarray, min_speech_seconds: float, field: str = "audio") -> float:
-    """The seconds of trimmed speech; NotEnoughSpeech (naming `field`, the request's audio)
-    below `min_speech_seconds`."""
-    seconds = len(speech) / SAMPLE_RATE
+def require_speech(speech_samples: int, min_speech_seconds: float, field: str = "audio") -> float:
+    """The seconds of `speech_samples` 16 kHz samples of trimmed speech; NotEnoughSpeech
+    (naming `field`, the request's audio) below `min_speech_seconds`."""
+    seconds = speech_samples / SAMPLE_RATE
     if seconds < min_speech_seconds:
         raise NotEnoughSpeech(
             f"{field} has {seconds:.2f} s of speech after silence trimming; "

@@ -12,11 +12,13 @@ import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from server.errors import ConfigError
+from server.mfcc import MfccNormalization
 
 PACKAGED_FILE = "calibration.json"
 FORMAT_VERSION = 1
@@ -78,10 +80,11 @@ class Calibration:
         if not isinstance(self.figures, dict):
             raise CalibrationFileError("calibration figures must be an object")
 
-    @property
-    def mfcc_normalization(self) -> tuple[list[float], list[float]]:
-        """(mean, std) for `server.mfcc.mfcc_score`."""
-        return self.mfcc_mean, self.mfcc_std
+    @cached_property
+    def mfcc_normalization(self) -> MfccNormalization:
+        """(mean, std) for `server.mfcc.mfcc_score` and `standardised_units`, as arrays made
+        once."""
+        return MfccNormalization(self.mfcc_mean, self.mfcc_std)
 
     def fuse(self, ge2e_score: float, mfcc_score: float) -> float:
         """The fused score in [0, 1], increasing in both scores when both weights are > 0."""

@@ -29,20 +29,17 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from server.grpc_errors import rewrap_handler
+from server.grpc_errors import HandlerCache, MethodInfo, method_info, rewrap_handler
 from server.telemetry import GRPC_CODES, RPC_METHOD, SERVER_ERROR_CODES, Telemetry
-
-UNTRACED_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"})
 
 
 class TelemetryInterceptor(grpc.aio.ServerInterceptor):
-    """Server span, caller's trace context and RPC metrics for every call."""
+    """Server span, caller's trace context and RPC metrics for every call (spans for the API's
+    methods only: not for health checks or reflection)."""
 
-    def __init__(
-        self, telemetry: Telemetry, untraced_services: frozenset[str] = UNTRACED_SERVICES
-    ) -> None:
+    def __init__(self, telemetry: Telemetry) -> None:
         self._telemetry = telemetry
-        self._untraced = untraced_services
+        self._handlers = HandlerCache(self._wrap)
 
     async def intercept_service(
         self,
@@ -52,23 +49,40 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        full = str(handler_call_details.method)
-        service, _, method = full.lstrip("/").rpartition("/")
-        call = _CallObserver(self._telemetry, service, method, traced=service not in self._untraced)
-        return rewrap_handler(handler, wrap_unary=call.wrap_unary, wrap_stream=call.wrap_stream)
+        return self._handlers.get(str(handler_call_details.method), handler)
+
+    def _wrap(self, full_method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        observer = _MethodObserver(self._telemetry, method_info(full_method))
+        return rewrap_handler(
+            handler, wrap_unary=observer.wrap_unary, wrap_stream=observer.wrap_stream
+        )
 
 
-class _CallObserver:
-    """Wraps the handler of one call: its span, its status code, its metrics."""
+class _MethodObserver:
+    """Wraps the handler of one method: each call's span, status code and metrics.
 
-    def __init__(self, telemetry: Telemetry, service: str, method: str, traced: bool) -> None:
+    Built once per method (its metric children bound here); everything of a call (its span,
+    start time, status code) lives in the wrapped handler's own frame.
+    """
+
+    def __init__(self, telemetry: Telemetry, info: MethodInfo) -> None:
         self._tracing = telemetry.tracing
         self._metrics = telemetry.metrics
-        self._service = service
-        self._method = method
-        self._traced = traced and telemetry.tracing.enabled
-        self._api = traced
-        self._span_name = f"{service}/{method}"
+        self._service = info.service
+        self._method = info.method
+        self._traced = info.is_api and telemetry.tracing.enabled
+        self._api = info.is_api
+        self._span_name = f"{info.service}/{info.method}"
+        metrics = self._metrics
+        self._in_flight: Any = None
+        self._seconds: Any = None
+        self._total: Any = None
+        self._handled: dict[str, Any] = {}  # by status code, made on first use
+        if metrics is not None:
+            self._in_flight = metrics.in_flight.labels(self._service, self._method)
+            self._seconds = metrics.handling_seconds.labels(self._service, self._method)
+            if self._api:
+                self._total = metrics.stage_seconds.labels(self._method, "total")
 
     def wrap_unary(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -141,8 +155,8 @@ class _CallObserver:
             RPC_METHOD.reset(method_token)
 
     def _begin(self) -> float:
-        if self._metrics is not None:
-            self._metrics.in_flight.labels(self._service, self._method).inc()
+        if self._in_flight is not None:
+            self._in_flight.inc()
         return time.perf_counter()
 
     def _start_span(
@@ -188,11 +202,16 @@ class _CallObserver:
             span.end()
         metrics = self._metrics
         if metrics is not None:
-            metrics.in_flight.labels(self._service, self._method).dec()
-            metrics.handled.labels(self._service, self._method, code).inc()
-            metrics.handling_seconds.labels(self._service, self._method).observe(elapsed)
-            if self._api:
-                metrics.observe_stage(self._method, "total", elapsed)
+            self._in_flight.dec()
+            handled = self._handled.get(code)
+            if handled is None:
+                handled = self._handled[code] = metrics.handled.labels(
+                    self._service, self._method, code
+                )
+            handled.inc()
+            self._seconds.observe(elapsed)
+            if self._total is not None:
+                self._total.observe(elapsed)
 
 
 def _code_name(code: Any) -> str | None:

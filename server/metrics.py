@@ -201,11 +201,6 @@ class Metrics:
         if batch_size is not None:
             self.triton_batch.labels(model).observe(batch_size)
 
-    @property
-    def port(self) -> int | None:
-        """The bound HTTP port while serving."""
-        return int(self._server.server_port) if self._server is not None else None
-
     def serve(self, host: str, port: int) -> int:
         """Serve `/metrics` on host:port from a daemon thread; returns the bound port."""
         if self._server is not None:

@@ -3,7 +3,7 @@
 An utterance becomes one fixed-length vector of per-utterance statistics of its MFCC frames
 (`mfcc_statistics`); two utterances are compared by the cosine of their vectors after
 standardising each dimension with the dev-set mean and standard deviation stored in the
-calibration (`mfcc_score`).
+calibration (`mfcc_score`; `standardised_units` for many at once).
 
 What it computes, and why (held-out EERs on the dev set's degraded cross-half trials, see
 `server.calibration`; about 243 same-speaker and 59,000 different-speaker trials per variant,
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import lru_cache
+from typing import TypeAlias
 
 import numpy as np
 
@@ -83,26 +84,61 @@ def mfcc_statistics(speech: np.ndarray) -> np.ndarray:
     return np.concatenate([mean, upper]).astype(np.float32)
 
 
-def mfcc_score(
-    a: np.ndarray,
-    b: np.ndarray,
-    normalization: tuple[Sequence[float], Sequence[float]] | None = None,
-) -> float:
+class MfccNormalization:
+    """The per-dimension (mean, std) that standardises MFCC statistics, as float64 arrays
+    converted and checked once (`Calibration.mfcc_normalization` keeps one)."""
+
+    __slots__ = ("mean", "std")
+
+    def __init__(self, mean: Sequence[float] | np.ndarray, std: Sequence[float] | np.ndarray):
+        self.mean = np.asarray(mean, dtype=np.float64)
+        self.std = np.asarray(std, dtype=np.float64)
+        if self.mean.ndim != 1 or self.std.shape != self.mean.shape:
+            raise ValueError(
+                f"normalization has {self.mean.size}/{self.std.size} values: mean and std must "
+                "be vectors of one length"
+            )
+
+    @classmethod
+    def of(cls, normalization: Normalization) -> MfccNormalization:
+        """`normalization` itself, or one made of a (mean, std) pair."""
+        if isinstance(normalization, MfccNormalization):
+            return normalization
+        return cls(normalization[0], normalization[1])
+
+    def standardise(self, statistics: np.ndarray) -> np.ndarray:
+        """(statistics - mean) / std in float64; the last axis must match the normalization."""
+        values = np.asarray(statistics, dtype=np.float64)
+        if values.shape[-1:] != self.mean.shape:
+            raise ValueError(
+                f"normalization has {self.mean.size}/{self.std.size} values for "
+                f"{values.shape[-1] if values.ndim else 0}-dimensional statistics"
+            )
+        return (values - self.mean) / self.std
+
+
+# A normalization, or its (mean, std) as sequences.
+Normalization: TypeAlias = MfccNormalization | tuple[Sequence[float], Sequence[float]]
+
+
+def standardised_units(statistics: np.ndarray, normalization: Normalization) -> np.ndarray:
+    """Rows of `mfcc_statistics` [n, MFCC_DIMENSION] standardised and made unit length (a zero
+    row stays zero): their dot products are `mfcc_score`s, as the index and calibration use."""
+    z = MfccNormalization.of(normalization).standardise(statistics)
+    norms = np.linalg.norm(z, axis=1, keepdims=True)
+    return z / np.where(norms > 0, norms, 1.0)
+
+
+def mfcc_score(a: np.ndarray, b: np.ndarray, normalization: Normalization | None = None) -> float:
     """Cosine of two `mfcc_statistics` vectors after standardising with (mean, std)."""
     va = np.asarray(a, dtype=np.float64)
     vb = np.asarray(b, dtype=np.float64)
     if va.shape != vb.shape or va.ndim != 1:
         raise ValueError(f"MFCC statistics must be equal-length vectors: {va.shape} vs {vb.shape}")
     if normalization is not None:
-        mean = np.asarray(normalization[0], dtype=np.float64)
-        std = np.asarray(normalization[1], dtype=np.float64)
-        if mean.shape != va.shape or std.shape != va.shape:
-            raise ValueError(
-                f"normalization has {mean.shape[0]}/{std.shape[0]} values for "
-                f"{va.shape[0]}-dimensional statistics"
-            )
-        va = (va - mean) / std
-        vb = (vb - mean) / std
+        norm = MfccNormalization.of(normalization)
+        va = norm.standardise(va)
+        vb = norm.standardise(vb)
     denominator = float(np.linalg.norm(va) * np.linalg.norm(vb))
     if denominator == 0.0:
         return 0.0

@@ -29,20 +29,12 @@ import grpc
 from server.api.voicegate.v1 import speaker_pb2, vad_pb2
 from server.config import Settings
 from server.errors import ConfigError, PermissionDenied, Unauthenticated, VoicegateError
-from server.grpc_errors import abort_with, rewrap_handler
+from server.grpc_errors import abort_with, method_info, rewrap_handler
 
 log = logging.getLogger(__name__)
 
 DIGEST_PREFIX = "sha256:"
 ALL_METHODS = "*"
-# Services a caller reaches without a token: probes and tooling must work before auth does.
-EXEMPT_SERVICES = frozenset(
-    {
-        "grpc.health.v1.Health",
-        "grpc.reflection.v1alpha.ServerReflection",
-        "grpc.reflection.v1.ServerReflection",
-    }
-)
 API_METHODS = frozenset(
     method.name
     for api in (speaker_pb2, vad_pb2)
@@ -140,11 +132,8 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     status code) and before the error mapping.
     """
 
-    def __init__(
-        self, tokens: Iterable[TokenEntry], exempt_services: frozenset[str] = EXEMPT_SERVICES
-    ) -> None:
+    def __init__(self, tokens: Iterable[TokenEntry]) -> None:
         self._tokens = tuple(tokens)
-        self._exempt = exempt_services
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TokenAuthInterceptor | None:
@@ -153,10 +142,15 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         return cls(load_tokens(settings.auth_tokens_file))
 
     def check(self, full_method: str, metadata: Iterable[tuple[str, Any]] | None) -> None:
-        """Raise Unauthenticated or PermissionDenied unless the call may go ahead."""
-        service, _, method = full_method.lstrip("/").rpartition("/")
-        if service in self._exempt:
+        """Raise Unauthenticated or PermissionDenied unless the call may go ahead.
+
+        Fail-closed: only the infrastructure services (health checks and reflection: probes and
+        tooling must work before auth does) are reached without a token.
+        """
+        info = method_info(full_method)
+        if info.is_infrastructure:
             return
+        method = info.method
         presented = _bearer_token(metadata)
         if presented is None:
             raise Unauthenticated("missing bearer token")

@@ -3,21 +3,37 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 import grpc
 
 from server.api.voicegate.v1 import audio_pb2, speaker_pb2, speaker_pb2_grpc
-from server.audio import RawAudioSpec, SampleFormat
-from server.core import AudioInput, SpeakerCore
+from server.audio import AudioInput, RawAudioSpec, SampleFormat
+from server.core import SpeakerCore
 from server.errors import InvalidArgument
-from server.speaker_rpcs import SpeakerDirectoryRpcs, operating_point_proto
+from server.speaker_rpcs import SpeakerDirectoryRpcs, model_scores, operating_point_proto
 from server.speakers import OperatingPoint, SpeakerDirectory
 from server.vad_core import StreamSpec
 
-_SAMPLE_FORMATS = {
+# SAMPLE_FORMAT_UNSPECIFIED (and unknown values) map to None: the core refuses it by name.
+SAMPLE_FORMATS = {
     audio_pb2.SAMPLE_FORMAT_LINEAR16: SampleFormat.LINEAR16,
     audio_pb2.SAMPLE_FORMAT_FLOAT32: SampleFormat.FLOAT32,
 }
+
+
+class StreamConfig(Protocol):
+    """What a stream's first message says of its raw audio (StreamingEmbedConfig,
+    StreamingDetectSpeechConfig)."""
+
+    @property
+    def format(self) -> audio_pb2.SampleFormat: ...
+
+    @property
+    def sample_rate_hz(self) -> int: ...
+
+    @property
+    def channels(self) -> int: ...
 
 
 def audio_from_proto(audio: audio_pb2.Audio, field: str) -> AudioInput:
@@ -29,11 +45,20 @@ def audio_from_proto(audio: audio_pb2.Audio, field: str) -> AudioInput:
         raw = audio.raw
         return RawAudioSpec(
             samples=raw.samples,
-            format=_SAMPLE_FORMATS.get(raw.format),
+            format=SAMPLE_FORMATS.get(raw.format),
             sample_rate_hz=raw.sample_rate_hz,
             channels=raw.channels,
         )
     raise InvalidArgument(f"{field} is required: set {field}.content or {field}.raw", field=field)
+
+
+def stream_spec_from_proto(config: StreamConfig) -> StreamSpec:
+    """The core's view of a stream's config (checked when the stream opens)."""
+    return StreamSpec(
+        format=SAMPLE_FORMATS.get(config.format),
+        sample_rate_hz=config.sample_rate_hz,
+        channels=config.channels,
+    )
 
 
 class SpeakerServicer(SpeakerDirectoryRpcs, speaker_pb2_grpc.SpeakerServiceServicer):
@@ -73,11 +98,7 @@ class SpeakerServicer(SpeakerDirectoryRpcs, speaker_pb2_grpc.SpeakerServiceServi
                 "config is required: the first StreamingEmbedRequest must carry it", field="config"
             )
         config = first.config
-        spec = StreamSpec(
-            format=_SAMPLE_FORMATS.get(config.format),
-            sample_rate_hz=config.sample_rate_hz,
-            channels=config.channels,
-        )
+        spec = stream_spec_from_proto(config)
 
         async def chunks() -> AsyncIterator[bytes]:
             async for request in requests:
@@ -120,9 +141,6 @@ class SpeakerServicer(SpeakerDirectoryRpcs, speaker_pb2_grpc.SpeakerServiceServi
             score=result.score,
             same_speaker=result.same_speaker,
             threshold=result.threshold,
-            scores=[
-                speaker_pb2.ModelScore(model=name, score=value)
-                for name, value in result.scores.items()
-            ],
+            scores=model_scores(result.scores),
             operating_point=self._operating_point,
         )

@@ -55,9 +55,11 @@ def model_scores(scores: dict[str, float]) -> list[speaker_pb2.ModelScore]:
 
 
 class SpeakerDirectoryRpcs:
-    """The directory RPCs; the servicer sets `_directory` (None: no store configured)."""
+    """The directory RPCs; the servicer sets `_directory` (None: no store configured) and
+    `_operating_point` (the calibration's, as Verify and Identify answer it)."""
 
     _directory: SpeakerDirectory | None
+    _operating_point: speaker_pb2.OperatingPoint
 
     def _speakers(self) -> SpeakerDirectory:
         if self._directory is None:
@@ -102,7 +104,7 @@ class SpeakerDirectoryRpcs:
                 )
                 for match in result.matches
             ],
-            operating_point=operating_point_proto(result.operating_point),
+            operating_point=self._operating_point,
             compared_speaker_count=result.compared,
             stale_speaker_count=result.stale,
             speech_seconds=result.speech_seconds,

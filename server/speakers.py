@@ -2,8 +2,9 @@
 
 `SpeakerDirectory` joins the speaker core (embeddings and MFCC statistics of audio), the
 durable store (`server.store`) and the in-memory identification index
-(`server.speaker_index`). Store calls and scoring run on the directory's own threads, never
-on the event loop.
+(`server.speaker_index`). Store calls run on the directory's own threads (as many as the
+store has connections, `store_pool_size`), scoring and index updates on two more, never on the
+event loop.
 
 A voiceprint is bound to the encoder that made it: the model name and a fingerprint, the
 model's name and the version Triton serves it at (`ge2e_int8@1`, from Triton's model
@@ -38,7 +39,7 @@ from server.config import Settings
 from server.core import AudioInput, SpeakerCore, VerifyResult
 from server.errors import FailedPrecondition, InvalidArgument, NotFound
 from server.fusion import Calibration
-from server.mfcc import MFCC_DIMENSION, mfcc_score
+from server.mfcc import MFCC_DIMENSION, mfcc_score, standardised_units
 from server.speaker_index import SpeakerIndex
 from server.store import (
     Changes,
@@ -61,6 +62,8 @@ DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 # How long a model's fingerprint (Triton's model version) is trusted before it is asked again.
 FINGERPRINT_TTL_S = 30.0
+# Threads for in-memory index work (Identify's search, applying the store's changes).
+INDEX_THREADS = 2
 T = TypeVar("T")
 
 
@@ -121,7 +124,6 @@ class IdentifyMatch:
 @dataclass(frozen=True)
 class IdentifyResult:
     matches: list[IdentifyMatch]
-    operating_point: OperatingPoint
     compared: int
     stale: int
     speech_seconds: float
@@ -136,29 +138,25 @@ class SpeakerDirectory:
         core: SpeakerCore,
         store: SpeakerStore,
         model_version: Callable[[str], Awaitable[str]],
-        *,
-        index: SpeakerIndex | None = None,
-        threads: int = 4,
     ) -> None:
         self._settings = settings
         self._core = core
         self._store = store
         self._model_version = model_version
-        self._index = index if index is not None else SpeakerIndex(MFCC_DIMENSION)
-        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="speakers")
-        self._telemetry: Telemetry = getattr(core, "telemetry", DISABLED)
-        self._db_system = (
-            "postgresql" if (settings.store_url or "").startswith("postgres") else "sqlite"
+        self._index = SpeakerIndex(MFCC_DIMENSION)
+        # A store call holds a thread while it waits for a connection: one per connection.
+        self._store_executor = ThreadPoolExecutor(
+            settings.store_pool_size, thread_name_prefix="speakers-store"
         )
+        self._index_executor = ThreadPoolExecutor(
+            INDEX_THREADS, thread_name_prefix="speakers-index"
+        )
+        self._telemetry: Telemetry = getattr(core, "telemetry", DISABLED)
         self._fingerprints: dict[str, tuple[str, float]] = {}
         self._sync_lock = asyncio.Lock()
         self._syncs_started = 0
         self._syncs_done = 0
-        calibration = core.calibration
-        self._calibration = calibration
-        self._mfcc_mean = np.asarray(calibration.mfcc_mean, dtype=np.float64)
-        self._mfcc_std = np.asarray(calibration.mfcc_std, dtype=np.float64)
-        self.operating_point = OperatingPoint.from_calibration(calibration)
+        self._calibration = core.calibration
 
     @classmethod
     async def open(
@@ -167,7 +165,8 @@ class SpeakerDirectory:
         core: SpeakerCore,
         model_version: Callable[[str], Awaitable[str]],
     ) -> SpeakerDirectory:
-        """Open the store `settings.speaker_store_url` names and load the index from it."""
+        """Open the store `settings.speaker_store_url` names (`settings.store_pool_size`
+        connections) and load the index from it."""
         url = settings.speaker_store_url
         store = await asyncio.to_thread(open_store, url, settings.store_pool_size)
         directory = cls(settings, core, store, model_version)
@@ -189,7 +188,8 @@ class SpeakerDirectory:
 
     async def close(self) -> None:
         self._index.close()
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._index_executor.shutdown(wait=True, cancel_futures=True)
+        self._store_executor.shutdown(wait=True, cancel_futures=True)
         await asyncio.to_thread(self._store.close)
 
     # ---------------------------------------------------------------- the operations
@@ -232,7 +232,7 @@ class SpeakerDirectory:
             count=len(analysed),
             speech_seconds=float(sum(e.speech_seconds for e, _ in analysed)),
         )
-        record = await self._in_thread(self._store.enroll, speaker_id, enrollment, mode)
+        record = await self._in_store(self._store.enroll, speaker_id, enrollment, mode)
         log.info(
             "enrolled speaker %s: %d recordings added (%d in total), revision %d",
             speaker_id,
@@ -250,7 +250,7 @@ class SpeakerDirectory:
         model = self._settings.encoder_model
         (embedded, statistics), record, fingerprint = await asyncio.gather(
             self._core.embed_with_mfcc(probe, "probe", timeout_s=timeout_s),
-            self._in_thread(self._store.get, speaker_id, True),
+            self._in_store(self._store.get, speaker_id, True),
             self.fingerprint(model),
         )
         record = self._usable(speaker_id, record, model, fingerprint)
@@ -280,10 +280,10 @@ class SpeakerDirectory:
             self.sync(),
         )
         calibration = self._calibration
-        result = await self._in_thread(
+        result = await self._in_index(
             self._index.search,
             embedded.embedding,
-            self._standardised(statistics[None, :])[0],
+            standardised_units(statistics[None, :], calibration.mfcc_normalization)[0],
             calibration.ge2e_weight,
             calibration.mfcc_weight,
             k,
@@ -302,7 +302,6 @@ class SpeakerDirectory:
             )
         return IdentifyResult(
             matches=matches,
-            operating_point=self.operating_point,
             compared=result.compared,
             stale=result.stale,
             speech_seconds=embedded.speech_seconds,
@@ -310,7 +309,7 @@ class SpeakerDirectory:
 
     async def get(self, speaker_id: str) -> SpeakerRecord:
         check_speaker_id(speaker_id)
-        record = await self._in_thread(self._store.get, speaker_id, False)
+        record = await self._in_store(self._store.get, speaker_id, False)
         if record is None:
             raise NotFound(f"speaker {speaker_id!r} is not enrolled")
         return record
@@ -323,14 +322,14 @@ class SpeakerDirectory:
             raise InvalidArgument("page_size must be >= 0", field="page_size")
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         after = _decode_page_token(page_token) if page_token else None
-        records = await self._in_thread(self._store.list, size + 1, after)
+        records = await self._in_store(self._store.list, size + 1, after)
         if len(records) > size:
             return records[:size], _encode_page_token(records[size - 1].speaker_id)
         return records, ""
 
     async def delete(self, speaker_id: str) -> None:
         check_speaker_id(speaker_id)
-        if not await self._in_thread(self._store.delete, speaker_id):
+        if not await self._in_store(self._store.delete, speaker_id):
             raise NotFound(f"speaker {speaker_id!r} is not enrolled")
         log.info("deleted speaker %s", speaker_id)
         # Drop it from this replica's memory now; other replicas do at their next sync.
@@ -359,24 +358,26 @@ class SpeakerDirectory:
                 return
             self._syncs_started += 1
             ticket = self._syncs_started
-            await self._in_thread(self._refresh)
+            changes = await self._in_store(self._store.changes_since, self._index.version)
+            if changes.full or changes.upserted or changes.deleted:
+                await self._in_index(self._apply, changes)
+            else:
+                self._index.version = changes.version
             self._syncs_done = ticket
 
     # ---------------------------------------------------------------- internals
-
-    def _refresh(self) -> None:
-        changes = self._store.changes_since(self._index.version)
-        self._apply(changes)
 
     def _apply(self, changes: Changes) -> None:
         index = self._index
         rows = None
         if changes.upserted:
             records = changes.upserted
-            sums = np.stack([r.embedding_sum for r in records])  # type: ignore[misc]
-            norms = np.linalg.norm(sums, axis=1, keepdims=True)
-            means = np.stack([r.mfcc_mean for r in records])
-            rows = (sums / np.where(norms > 0, norms, 1.0), self._standardised(means))
+            rows = (
+                np.stack([r.voiceprint for r in records]),
+                standardised_units(
+                    np.stack([r.mfcc_mean for r in records]), self._calibration.mfcc_normalization
+                ),
+            )
         with index.updating():  # an Identify sees all of these changes or none
             if changes.full:
                 index.clear()
@@ -391,27 +392,36 @@ class SpeakerDirectory:
                 )
             index.version = changes.version
 
-    def _standardised(self, statistics: np.ndarray) -> np.ndarray:
-        """Rows of MFCC statistics standardised with the calibration and made unit length."""
-        z = (np.asarray(statistics, dtype=np.float64) - self._mfcc_mean) / self._mfcc_std
-        norms = np.linalg.norm(z, axis=1, keepdims=True)
-        return z / np.where(norms > 0, norms, 1.0)
-
     def _usable(
         self, speaker_id: str, record: SpeakerRecord | None, model: str, fingerprint: str
     ) -> SpeakerRecord:
         if record is None:
             raise NotFound(f"speaker {speaker_id!r} is not enrolled")
         if record.model_key() != (model, fingerprint):
-            raise FailedPrecondition(stale_message(record, model, fingerprint))
+            raise FailedPrecondition(stale_message(record, fingerprint))
         return record
 
-    async def _in_thread(self, function: Callable[..., T], *args: object) -> T:
-        """Run store or index work on the directory's threads, as a `store.*` span."""
+    async def _in_store(self, function: Callable[..., T], *args: object) -> T:
+        """Run a store call on the store threads, as a `store.*` span with `db.system`."""
+        name = "store." + function.__name__
+        attributes = {"db.system": self._store.db_system}
+        return await self._in_thread(self._store_executor, name, attributes, function, *args)
+
+    async def _in_index(self, function: Callable[..., T], *args: object) -> T:
+        """Run in-memory index work on the index threads, as an `index.*` span."""
+        name = "index." + function.__name__.lstrip("_")
+        return await self._in_thread(self._index_executor, name, None, function, *args)
+
+    async def _in_thread(
+        self,
+        executor: ThreadPoolExecutor,
+        name: str,
+        attributes: dict[str, str] | None,
+        function: Callable[..., T],
+        *args: object,
+    ) -> T:
         loop = asyncio.get_running_loop()
         telemetry = self._telemetry
-        name = "store." + function.__name__.lstrip("_")
-        attributes = {"db.system": self._db_system}
 
         def work() -> T:
             with telemetry.stage(name, attributes):
@@ -419,7 +429,7 @@ class SpeakerDirectory:
 
         # The worker runs in the caller's context: the span is a child of the RPC's span.
         context = contextvars.copy_context()
-        return await loop.run_in_executor(self._executor, context.run, work)
+        return await loop.run_in_executor(executor, context.run, work)
 
 
 def _encode_page_token(last_id: str) -> str:

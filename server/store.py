@@ -12,9 +12,11 @@ counter and stamps what it writes with the new value (`speakers.revision`, or a 
 BEGIN IMMEDIATE takes the database write lock, PostgreSQL's row lock is held to commit. So
 revisions commit in order, and a reader that has applied every change up to version V fetches
 exactly what changed with `changes_since(V)`: the in-memory identification index of every
-replica stays consistent by polling it before it scores. Tombstones keep only the id and the
-revision, and are pruned after `TOMBSTONE_RETENTION_S`; a replica further behind than the
-pruned horizon reloads everything.
+replica stays consistent by polling it before it scores. A poll first reads the counter with
+one statement outside any transaction (the last committed version, with every change up to it
+committed); only when that differs from V does it read the changes in one snapshot.
+Tombstones keep only the id and the revision, and are pruned after `TOMBSTONE_RETENTION_S`; a
+replica further behind than the pruned horizon reloads everything.
 
 Durability: SQLite runs in WAL mode with synchronous=FULL, so a commit is on disk before the
 call returns; PostgreSQL commits with its own (default synchronous) durability.
@@ -136,7 +138,7 @@ class Changes:
     full: bool
 
 
-def stale_message(record: SpeakerRecord, model: str, model_version: str) -> str:
+def stale_message(record: SpeakerRecord, model_version: str) -> str:
     """The FAILED_PRECONDITION text for a voiceprint of another encoder (version)."""
     return (
         f"speaker {record.speaker_id!r} was enrolled with encoder {record.model_version!r} but "
@@ -149,6 +151,8 @@ class SpeakerStore(ABC):
     """The store's interface; `open_store` picks SQLite or PostgreSQL from a URL."""
 
     url_for_log: str
+    # The OpenTelemetry `db.system` of the database behind it.
+    db_system: str
 
     @abstractmethod
     def enroll(
@@ -255,11 +259,13 @@ class _Cursor:
 class _SqlStore(SpeakerStore):
     """The store's logic in SQL common to SQLite and PostgreSQL; subclasses bring connections."""
 
-    for_update = ""
-
     @abstractmethod
     def _transaction(self, write: bool) -> contextlib.AbstractContextManager[_Cursor]:
         """A transaction: BEGIN IMMEDIATE (SQLite) for writes, a snapshot for reads."""
+
+    @abstractmethod
+    def _autocommit(self) -> contextlib.AbstractContextManager[_Cursor]:
+        """A cursor outside any explicit transaction: each statement is its own."""
 
     @abstractmethod
     def _guard(self, work: Callable[[], T]) -> T:
@@ -329,7 +335,7 @@ class _SqlStore(SpeakerStore):
             with self._transaction(write=True) as cursor:
                 revision = self._next_version(cursor)
                 row = cursor.one(
-                    f"SELECT {_ALL_COLUMNS} FROM speakers WHERE speaker_id = ?{self.for_update}",
+                    f"SELECT {_ALL_COLUMNS} FROM speakers WHERE speaker_id = ?",
                     (speaker_id,),
                 )
                 existing = _record(row) if row is not None else None
@@ -391,7 +397,7 @@ class _SqlStore(SpeakerStore):
                 # The change number first: every writer locks in the same order.
                 revision = self._next_version(cursor)
                 found = cursor.one(
-                    f"SELECT speaker_id FROM speakers WHERE speaker_id = ?{self.for_update}",
+                    "SELECT speaker_id FROM speakers WHERE speaker_id = ?",
                     (speaker_id,),
                 )
                 if found is None:
@@ -423,7 +429,8 @@ class _SqlStore(SpeakerStore):
 
     def version(self) -> int:
         def work() -> int:
-            with self._transaction(write=False) as cursor:
+            # One statement, so one round trip: the last committed change's number.
+            with self._autocommit() as cursor:
                 row = cursor.one("SELECT version FROM speaker_store_state WHERE id = 1")
             assert row is not None
             return int(row[0])
@@ -431,6 +438,14 @@ class _SqlStore(SpeakerStore):
         return self._guard(work)
 
     def changes_since(self, version: int | None) -> Changes:
+        if version is not None:
+            # Nothing changed (the common case): one statement, no snapshot transaction.
+            # Writers commit their changes with the counter, in sequence order, so a counter
+            # equal to `version` means every committed change is already applied.
+            current = self.version()
+            if current == version:
+                return Changes(version=current, upserted=[], deleted=[], full=False)
+
         def work() -> Changes:
             with self._transaction(write=False) as cursor:
                 state = cursor.one(
@@ -494,9 +509,7 @@ def _merge(
     if mode is EnrollMode.REPLACE:
         return replace(fresh, create_time=existing.create_time)
     if existing.model_key() != (enrollment.model, enrollment.model_version):
-        raise FailedPrecondition(
-            stale_message(existing, enrollment.model, enrollment.model_version)
-        )
+        raise FailedPrecondition(stale_message(existing, enrollment.model_version))
     assert existing.embedding_sum is not None and existing.mfcc_sum is not None
     if existing.embedding_sum.shape != fresh.embedding_sum.shape:  # type: ignore[union-attr]
         raise RuntimeError("stored voiceprint has another dimension than the encoder's")
@@ -519,6 +532,8 @@ class SqliteStore(_SqlStore):
     Several processes may share the file: writers serialise on SQLite's lock (BEGIN
     IMMEDIATE, waiting up to `busy_timeout_s`), readers see committed snapshots.
     """
+
+    db_system = "sqlite"
 
     def __init__(self, path: Path, busy_timeout_s: float = 30.0) -> None:
         self.path = Path(path)
@@ -573,6 +588,10 @@ class SqliteStore(_SqlStore):
                     connection.execute("ROLLBACK")
             raise
 
+    @contextlib.contextmanager
+    def _autocommit(self) -> Iterator[_Cursor]:
+        yield _Cursor(self._connection().execute, "?")
+
     def _guard(self, work: Callable[[], T]) -> T:
         try:
             return work()
@@ -606,11 +625,13 @@ class SqliteStore(_SqlStore):
 class PostgresStore(_SqlStore):
     """PostgreSQL through a psycopg connection pool, for several front-server replicas.
 
-    Writers serialise on the `speaker_store_state` row lock; `SELECT ... FOR UPDATE` locks the
-    speaker's row too. Reads of changes use a REPEATABLE READ snapshot.
+    Writers serialise on the `speaker_store_state` row lock, taken by their first statement and
+    held to commit; at READ COMMITTED each later statement reads a fresh snapshot, so a writer
+    sees every write committed before it got the lock (no row lock on the speaker is needed).
+    Reads of changes use a REPEATABLE READ snapshot.
     """
 
-    for_update = " FOR UPDATE"
+    db_system = "postgresql"
 
     def __init__(self, url: str, pool_size: int = 4, connect_timeout_s: float = 10.0) -> None:
         import psycopg
@@ -646,6 +667,11 @@ class PostgresStore(_SqlStore):
         with self._pool.connection() as connection, connection.transaction():
             if not write:
                 connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            yield _Cursor(connection.execute, "%s")
+
+    @contextlib.contextmanager
+    def _autocommit(self) -> Iterator[_Cursor]:
+        with self._pool.connection() as connection:  # the pool's connections autocommit
             yield _Cursor(connection.execute, "%s")
 
     def _guard(self, work: Callable[[], T]) -> T:

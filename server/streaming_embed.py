@@ -56,11 +56,10 @@ from server.vad import (
     SpeechEvent,
     StreamingSegmenter,
     VadParams,
+    pad_to_frames,
 )
 from server.vad_core import RawStreamDecoder, StreamSpec
 from server.vad_model import VadState
-
-TRIMS = ("energy", "vad")
 
 # Every live session, for tests and diagnostics: a cancelled call must leave none behind.
 _LIVE: weakref.WeakSet[StreamingEmbedSession] = weakref.WeakSet()
@@ -87,23 +86,24 @@ class IncrementalMel:
     def __init__(self) -> None:
         self._buffer = np.zeros(N_FFT // 2, dtype=np.float32)  # the centring's zeros
         self._blocks: list[np.ndarray] = []
+        self._blocks_nbytes = 0  # the sum of the blocks' nbytes, kept as they are added
         self.frames = 0
-        self.samples = 0
 
     @property
     def nbytes(self) -> int:
-        return self._buffer.nbytes + sum(block.nbytes for block in self._blocks)
+        return self._buffer.nbytes + self._blocks_nbytes
 
     def feed(self, samples: np.ndarray) -> None:
         if not len(samples):
             return
-        self.samples += len(samples)
         buffer = np.concatenate([self._buffer, samples.astype(np.float32, copy=False)])
         step = self.BLOCK_FRAMES * HOP
         count = (len(buffer) - self.BLOCK_SAMPLES) // step + 1
         for block in range(max(0, count)):
             start = block * step
-            self._blocks.append(power_mel(buffer[start : start + self.BLOCK_SAMPLES], False))
+            mel = power_mel(buffer[start : start + self.BLOCK_SAMPLES], False)
+            self._blocks.append(mel)
+            self._blocks_nbytes += mel.nbytes
         if count > 0:
             self.frames += count * self.BLOCK_FRAMES
             buffer = buffer[count * step :]
@@ -177,9 +177,7 @@ class VadSpeechFeatures:
             if count == 0:
                 return None
             return self._slice(self._sent, self._sent + count), count
-        frames = -(-available // FRAME_SAMPLES)
-        samples = self._slice(self._sent, self.received)
-        return np.pad(samples, (0, frames * FRAME_SAMPLES - available)), available
+        return pad_to_frames(self._slice(self._sent, self.received)), available
 
     def accept(
         self, probabilities: np.ndarray, count: int, state: VadState | None, final: bool
@@ -277,22 +275,19 @@ class StreamingEmbedSession:
         spec: StreamSpec,
         settings: Settings,
         *,
-        vad_params: VadParams | None = None,
-        vad_window_frames: int = 32,
+        vad_params: VadParams,
+        vad_window_frames: int,
     ) -> None:
-        """`vad_window_frames`: the VAD client's frames per request, so that the stream's
-        requests are those of Embed for the whole recording (server/vad_model.py)."""
-        trim = settings.trim
-        if trim not in TRIMS:
-            raise ValueError(f"trim must be one of {TRIMS}, not {trim!r}")
-        self.trim = trim
+        """`vad_params`, `vad_window_frames` (trim "vad"): the segment rules and the VAD
+        client's frames per request (its `window_frames`), so that the stream's requests are
+        those of Embed for the whole recording (server/vad_model.py)."""
         self.decoder = RawStreamDecoder(spec, settings)  # checks the spec
         self.decoded_samples = 0
         self._audio: list[np.ndarray] = []  # trim "energy" only
         self._audio_bytes = 0
         self.vad: VadSpeechFeatures | None = None
-        if trim == "vad":
-            self.vad = VadSpeechFeatures(vad_params or VadParams(), vad_window_frames)
+        if settings.trim == "vad":  # else "energy" (Settings checks the value)
+            self.vad = VadSpeechFeatures(vad_params, vad_window_frames)
         self._ended = False
         _LIVE.add(self)
 
@@ -380,7 +375,6 @@ def vad_features(
 
 
 __all__ = [
-    "TRIMS",
     "IncrementalMel",
     "StreamingEmbedSession",
     "VadSpeechFeatures",

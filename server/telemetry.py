@@ -254,10 +254,6 @@ class Tracing:
             args.append(f"--trace-config=opentelemetry,bsp_schedule_delay={self.schedule_delay_ms}")
         return args
 
-    def force_flush(self, timeout_millis: int = 5000) -> bool:
-        flush = getattr(self.provider, "force_flush", None)
-        return bool(flush(timeout_millis)) if flush is not None else True
-
     def shutdown(self) -> None:
         """Flush and stop a provider built here (an injected one belongs to its owner)."""
         if self._owns_provider and self.provider is not None:
@@ -272,10 +268,6 @@ class Telemetry:
 
     tracing: Tracing
     metrics: Metrics | None = None
-
-    @property
-    def tracer(self) -> trace.Tracer:
-        return self.tracing.tracer
 
     @contextmanager
     def stage(

@@ -26,6 +26,7 @@ import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from server.deadlines import deadline_after, time_left
 from server.errors import BackendUnavailable, DeadlineExceeded
 from server.telemetry import DISABLED, Telemetry, add_retry_event
 
@@ -54,6 +55,8 @@ _CHANNEL_ARGS = [
 _WARN_INTERVAL_S = 10.0
 # A retry is only worth it when at least this much of the deadline is left after its backoff.
 _MIN_ATTEMPT_S = 0.05
+_RETRY_MAX_S = 1.0  # the longest backoff before a retry
+PROBE_TIMEOUT_S = 2.0  # each call of a readiness probe (is_ready)
 T = TypeVar("T")
 # Words in gRPC's own UNAVAILABLE details that mean "no connection" rather than "model not ready".
 _TRANSPORT_WORDS = ("connect", "socket", "connection", "goaway", "broken pipe", "unreachable")
@@ -98,19 +101,15 @@ class TritonClient:
         url: str,
         *,
         timeout_s: float = 30.0,
-        probe_timeout_s: float = 2.0,
         telemetry: Telemetry | None = None,
         retries: int = 2,
         retry_base_s: float = 0.05,
-        retry_max_s: float = 1.0,
     ) -> None:
         self._url = url
         self._retries = retries
         self._retry_base_s = retry_base_s
-        self._retry_max_s = retry_max_s
         self._telemetry = telemetry or DISABLED
         self._timeout_s = timeout_s
-        self._probe_timeout_s = probe_timeout_s
         self._client = self._connect(url)
         self._configs: dict[str, Any] = {}
         self._retiring: set[asyncio.Task[None]] = set()
@@ -170,7 +169,7 @@ class TritonClient:
 
     async def is_ready(self, models: Iterable[str]) -> bool:
         """Server ready and every model in `models` ready. Never raises."""
-        timeout = self._probe_timeout_s
+        timeout = PROBE_TIMEOUT_S
         try:
             if not await self._client.is_server_ready(client_timeout=timeout):
                 return False
@@ -270,14 +269,13 @@ class TritonClient:
         timeout_s: float | None,
     ) -> T:
         """`call(timeout)`, retried as the module says; errors mapped (map_triton_error)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeout(timeout_s)
+        deadline = self._deadline(timeout_s)
         attempt = 0
         while True:
             try:
-                return await call(self._timeout(deadline - loop.time()))
+                return await call(_time_left(deadline))
             except InferenceServerException as exc:
-                delay = self._retry_delay(exc, attempt, deadline - loop.time())
+                delay = self._retry_delay(exc, attempt, deadline - time.monotonic())
                 if delay is None:
                     raise self._mapped(exc, model) from exc
                 attempt += 1
@@ -302,17 +300,17 @@ class TritonClient:
         """Backoff before retry number `attempt + 1`; None when `exc` is final."""
         if attempt >= self._retries or self._closed or not _retryable(exc):
             return None
-        ceiling = min(self._retry_max_s, self._retry_base_s * 2.0**attempt)
+        ceiling = min(_RETRY_MAX_S, self._retry_base_s * 2.0**attempt)
         delay = random.uniform(0.0, ceiling)  # full jitter: replicas do not retry in step
         if remaining - delay < _MIN_ATTEMPT_S:
             return None
         return delay
 
-    def _timeout(self, timeout_s: float | None) -> float:
-        timeout = self._timeout_s if timeout_s is None else timeout_s
-        if timeout <= 0:
-            raise DeadlineExceeded("deadline exceeded before calling the inference backend")
-        return timeout
+    def _deadline(self, timeout_s: float | None) -> float:
+        """The monotonic deadline of a call of `timeout_s` (None: the client's timeout)."""
+        deadline = deadline_after(self._timeout_s if timeout_s is None else timeout_s)
+        assert deadline is not None
+        return deadline
 
     def _mapped(self, exc: InferenceServerException, model: str | None) -> Exception:
         mapped = map_triton_error(exc, model)
@@ -330,6 +328,13 @@ class TritonClient:
                 exc,
             )
         return mapped
+
+
+def _time_left(deadline: float) -> float:
+    """Seconds left before `deadline`, for the next request; DEADLINE_EXCEEDED once passed."""
+    left = time_left(deadline, what="before calling the inference backend")
+    assert left is not None
+    return left
 
 
 def _retryable(exc: InferenceServerException) -> bool:
@@ -363,16 +368,15 @@ class TritonEncoder(TritonClient):
                 f"partials must be [n, {PARTIAL_FRAMES}, {MEL_BANDS}], got {partials.shape}"
             )
         partials = np.ascontiguousarray(partials, dtype=np.float32)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeout(timeout_s)
-        config = await self.model_config(model, deadline - loop.time())
+        deadline = self._deadline(timeout_s)
+        config = await self.model_config(model, _time_left(deadline))
         n = len(partials)
         if n == 0:
             dims = next((o.dims for o in config.output if o.name == EMBEDDING_OUTPUT), [0])
             return np.zeros((0, int(dims[-1])), dtype=np.float32)
         limit = int(config.max_batch_size) or n
         chunks = [partials[i : i + limit] for i in range(0, n, limit)]
-        remaining = deadline - loop.time()
+        remaining = _time_left(deadline)
         results = await asyncio.gather(
             *(
                 self.infer(

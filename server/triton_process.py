@@ -16,6 +16,7 @@ import itertools
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -24,10 +25,10 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 from server.config import Settings
 from server.errors import BackendUnavailable
+from server.triton_client import TritonClient
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,13 @@ _PORT_TRIES = 3
 # Triton's words when a port is taken (gRPC: "Socket '...' already in use", HTTP/metrics alike).
 _BIND_ERRORS = ("already in use", "address in use")
 _SHM_DIR = Path("/dev/shm")
+# Loopback only: Triton's API can load and unload models and has no auth.
+_HOST = "127.0.0.1"
+_RESTART_BACKOFF_MAX_S = 30.0
+_HEALTHY_AFTER_S = 60.0  # a server up this long starts the restart backoff over
+# How long after a launch answers ready its log is checked for an endpoint that failed to start.
+_SETTLE_S = 0.25
+_ENDPOINT_FAILURE = re.compile(r"failed to start \w+ service", re.IGNORECASE)  # main.cc's words
 _instances = itertools.count(1)
 
 UrlListener = Callable[[str], object]
@@ -165,9 +173,11 @@ class _StartFailure(Exception):
 
 
 class EmbeddedTriton:
-    """Runs and supervises the wheel's `tritonserver`.
+    """Runs and supervises the wheel's `tritonserver` on loopback ports.
 
     Usage: `async with EmbeddedTriton(settings, models=[...]) as triton: ... triton.grpc_url`.
+    The ports are chosen when it is made, so `grpc_url` is known before `start()`; should they
+    be taken by then, it starts on others and tells the `on_url_change` listeners.
     """
 
     def __init__(
@@ -176,24 +186,16 @@ class EmbeddedTriton:
         models: Sequence[str] | None = None,
         *,
         extra_args: Sequence[str] = (),
-        bind_address: str = "127.0.0.1",
-        restart: bool = True,
         restart_backoff_s: float = 0.5,
-        restart_backoff_max_s: float = 30.0,
-        healthy_after_s: float = 60.0,
     ) -> None:
         self._settings = settings
         self._models = list(settings.triton_models if models is None else models)
         self._extra_args = list(extra_args)
-        # Loopback by default: Triton's API can load and unload models and has no auth.
-        self._bind_address = bind_address
-        self._restart = restart
         self._backoff_s = restart_backoff_s
-        self._backoff_max_s = restart_backoff_max_s
-        self._healthy_after_s = healthy_after_s
         self._state_dir = Path(settings.state_dir).resolve()
         self._log_path = self._state_dir / "triton" / "tritonserver.log"
-        self._ports: list[int] | None = None  # grpc, http, metrics
+        self._ports = free_ports(3, _HOST)  # grpc, http, metrics
+        self._served = False  # was ready once: a later move of its ports is a restart's
         self._proc: asyncio.subprocess.Process | None = None
         self._shm_prefix = ""
         self._instance = next(_instances)
@@ -215,15 +217,15 @@ class EmbeddedTriton:
     @property
     def grpc_url(self) -> str:
         """`127.0.0.1:PORT` of Triton's gRPC endpoint."""
-        return f"{self._client_host}:{self._port(0)}"
+        return f"{_HOST}:{self._ports[0]}"
 
     @property
     def http_port(self) -> int:
-        return self._port(1)
+        return self._ports[1]
 
     @property
     def metrics_port(self) -> int:
-        return self._port(2)
+        return self._ports[2]
 
     @property
     def pid(self) -> int | None:
@@ -239,10 +241,6 @@ class EmbeddedTriton:
     @property
     def log_path(self) -> Path:
         return self._log_path
-
-    @property
-    def models(self) -> list[str]:
-        return list(self._models)
 
     def is_ready(self) -> bool:
         """True while the current process is up and was seen ready (no network call)."""
@@ -266,7 +264,7 @@ class EmbeddedTriton:
         self._log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_path.write_bytes(b"")  # one log per run of ours; restarts append to it
         began = time.monotonic()
-        await self._launch_until_ready(keep_ports=False)
+        await self._launch_until_ready()
         log.info(
             "embedded Triton ready at %s in %.1fs (models: %s, log: %s)",
             self.grpc_url,
@@ -274,8 +272,7 @@ class EmbeddedTriton:
             ", ".join(self._models) or "none",
             self._log_path,
         )
-        if self._restart:
-            self._supervisor = asyncio.create_task(self._supervise(), name="triton-supervisor")
+        self._supervisor = asyncio.create_task(self._supervise(), name="triton-supervisor")
 
     async def wait_ready(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
         """Wait until Triton is ready (at once unless it is restarting).
@@ -325,24 +322,14 @@ class EmbeddedTriton:
 
     # -- launching -------------------------------------------------------------------------------
 
-    @property
-    def _client_host(self) -> str:
-        return "127.0.0.1" if self._bind_address in ("0.0.0.0", "") else self._bind_address
-
-    def _port(self, index: int) -> int:
-        if self._ports is None:
-            raise RuntimeError("embedded Triton has not been started")
-        return self._ports[index]
-
-    async def _launch_until_ready(self, keep_ports: bool) -> None:
+    async def _launch_until_ready(self) -> None:
         """Launch until ready, choosing new ports when ours turn out to be taken."""
-        previous_url = self.grpc_url if self._ports else None
+        previous_url = self.grpc_url
         for attempt in range(_PORT_TRIES):
             # Same ports when free, so clients reconnect without being told; checked first
             # because Triton only finds a clash after loading every model.
-            reuse = keep_ports and attempt == 0 and self._ports is not None
-            if not (reuse and self._ports and ports_free(self._ports, self._client_host)):
-                self._ports = free_ports(3, self._client_host)
+            if attempt > 0 or not ports_free(self._ports, _HOST):
+                self._ports = free_ports(3, _HOST)
             try:
                 await self._launch_once()
                 break
@@ -354,17 +341,23 @@ class EmbeddedTriton:
                     f"embedded Triton failed to start: {failure.reason}\n"
                     f"--- last lines of {self._log_path} ---\n{failure.tail}"
                 ) from None
-        if previous_url is not None and previous_url != self.grpc_url:
-            log.warning("embedded Triton moved from %s to %s", previous_url, self.grpc_url)
+        if previous_url != self.grpc_url:
+            log.log(
+                logging.WARNING if self._served else logging.INFO,
+                "embedded Triton moved from %s to %s",
+                previous_url,
+                self.grpc_url,
+            )
             for listener in list(self._listeners):
                 try:
                     listener(self.grpc_url)
                 except Exception:
                     log.exception("Triton URL listener failed")
+        self._served = True
         self._ready.set()
 
     def _command(self) -> list[str]:
-        assert self._install is not None and self._backend_dir is not None and self._ports
+        assert self._install is not None and self._backend_dir is not None
         grpc_port, http_port, metrics_port = self._ports
         args = [
             str(self._install.binary),
@@ -372,11 +365,11 @@ class EmbeddedTriton:
             f"--backend-directory={self._backend_dir}",
             "--model-control-mode=explicit",
             *(f"--load-model={name}" for name in self._models),
-            f"--grpc-address={self._bind_address}",
+            f"--grpc-address={_HOST}",
             f"--grpc-port={grpc_port}",
-            f"--http-address={self._bind_address}",
+            f"--http-address={_HOST}",
             f"--http-port={http_port}",
-            f"--metrics-address={self._bind_address}",
+            f"--metrics-address={_HOST}",
             f"--metrics-port={metrics_port}",
             # Our own prefix for the Python backend's /dev/shm regions, so we can remove what a
             # killed server leaves behind without touching other servers' regions.
@@ -427,29 +420,39 @@ class EmbeddedTriton:
             raise
 
     async def _wait_until_ready(self, proc: asyncio.subprocess.Process, offset: int) -> None:
-        import tritonclient.grpc.aio as grpcclient
-
         deadline = time.monotonic() + self._settings.triton_startup_timeout_s
         delay = 0.05
-        client = grpcclient.InferenceServerClient(self.grpc_url)
+        client = TritonClient(self.grpc_url)  # the front server's own readiness probe
         exited = asyncio.ensure_future(proc.wait())
         try:
             while True:
                 if self._stopping:  # stop() ran while we were starting: it may miss this one
                     raise _StartFailure("stopped while starting", "")
                 if proc.returncode is not None:
-                    tail = self._log_tail(offset)
+                    tail = await asyncio.to_thread(self._log_tail, offset)
                     clash = any(word in tail.lower() for word in _BIND_ERRORS)
                     raise _StartFailure(
                         f"tritonserver exited with code {proc.returncode}", tail, clash
                     )
-                if await _all_ready(client, self._models):
-                    return
+                if await client.is_ready(self._models):
+                    # Triton answers ready once its gRPC endpoint is up, then starts its HTTP
+                    # and metrics endpoints; when one fails (its port taken) it logs so at once
+                    # but exits only a second later, answering ready meanwhile. Give it a
+                    # moment, then look for that line.
+                    await asyncio.wait({exited}, timeout=_SETTLE_S)
+                    tail = await asyncio.to_thread(self._log_tail, offset)
+                    if proc.returncode is None and not _ENDPOINT_FAILURE.search(tail):
+                        return
+                    if proc.returncode is None:
+                        clash = any(word in tail.lower() for word in _BIND_ERRORS)
+                        raise _StartFailure(
+                            "tritonserver failed to start one of its endpoints", tail, clash
+                        )
                 if time.monotonic() >= deadline:
                     raise _StartFailure(
                         "not ready within "
                         f"{self._settings.triton_startup_timeout_s:g}s (triton_startup_timeout_s)",
-                        self._log_tail(offset),
+                        await asyncio.to_thread(self._log_tail, offset),
                     )
                 # Sleep, but wake at once if the process exits (a failed load ends quickly).
                 await asyncio.wait({exited}, timeout=delay)
@@ -494,15 +497,16 @@ class EmbeddedTriton:
                 return
             self._ready.clear()
             uptime = time.monotonic() - self._started_at
-            if uptime >= self._healthy_after_s:
+            if uptime >= _HEALTHY_AFTER_S:
                 failures = 0  # it ran well for a while: start the backoff over
+            tail = await asyncio.to_thread(self._log_tail, 0)  # up to 256 KiB read
             log.warning(
                 "tritonserver (pid %d) exited unexpectedly with code %s after %.1fs; "
                 "last log lines:\n%s",
                 proc.pid,
                 code,
                 uptime,
-                self._log_tail(0),
+                tail,
             )
             await self._reap_leftovers(proc)
             while not self._stopping:
@@ -512,7 +516,7 @@ class EmbeddedTriton:
                 await asyncio.sleep(delay)
                 try:
                     began = time.monotonic()
-                    await self._launch_until_ready(keep_ports=True)
+                    await self._launch_until_ready()
                 except BackendUnavailable as exc:
                     log.warning("tritonserver restart failed: %s", exc)
                     continue
@@ -530,7 +534,7 @@ class EmbeddedTriton:
 
     def _backoff(self, failures: int) -> float:
         """Exponential with equal jitter: spreads restarts of many replicas crashing at once."""
-        ceiling = min(self._backoff_max_s, self._backoff_s * (2.0**failures))
+        ceiling = min(_RESTART_BACKOFF_MAX_S, self._backoff_s * (2.0**failures))
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
     async def _stop(self, grace_s: float) -> None:
@@ -567,20 +571,3 @@ def _remove_shm_regions(prefix: str) -> None:
     for region in _SHM_DIR.glob(f"{prefix}*"):
         with contextlib.suppress(OSError):
             region.unlink()
-
-
-async def _all_ready(client: Any, models: Sequence[str]) -> bool:
-    """Live, ready, and each model ready; any error (not up yet) reads as not ready."""
-    from tritonclient.utils import InferenceServerException
-
-    try:
-        if not await client.is_server_live(client_timeout=2.0):
-            return False
-        if not await client.is_server_ready(client_timeout=2.0):
-            return False
-        for name in models:
-            if not await client.is_model_ready(name, client_timeout=2.0):
-                return False
-    except InferenceServerException:
-        return False
-    return True

@@ -34,9 +34,9 @@ from enum import Enum
 
 import numpy as np
 
+from server.audio import SAMPLE_RATE
 from server.errors import InvalidArgument
 
-SAMPLE_RATE = 16_000
 FRAME_SAMPLES = 512  # one probability per 32 ms frame at 16 kHz
 # silero's `min_silence_at_max_speech` (ms): silences longer than this inside a segment are
 # where a segment over `max_speech_s` may be cut.
@@ -179,7 +179,12 @@ class _Detector:
     `use_max_poss_sil_at_max_speech=True`), one probability per `step`.
 
     `kept` collects the unpadded segments [start, end) in samples, as silero's `speeches` before
-    padding. `0` means "unset" for `temp_end`, `prev_end` and `next_start`, as in silero.
+    padding. `0` means "unset" for `temp_end`, as in silero.
+
+    silero's `prev_end` and `next_start` are left out: with `use_max_poss_sil_at_max_speech`
+    `prev_end` is set only inside the cut at `max_speech_s`, and reset to 0 in the same step,
+    so it is 0 whenever silero reads it elsewhere; its branches `if next_start < prev_end`
+    (next_start is never negative) and `elif prev_end:` (the legacy cut) never run.
     """
 
     def __init__(self, params: VadParams) -> None:
@@ -197,8 +202,6 @@ class _Detector:
         self.triggered = False
         self.start: int | None = None  # silero's current_speech['start']
         self.temp_end = 0
-        self.prev_end = 0
-        self.next_start = 0
         self.possible_ends: list[tuple[int, int]] = []
         self.kept: list[tuple[int, int]] = []
 
@@ -212,8 +215,6 @@ class _Detector:
             if sil_dur > self.min_silence_samples_at_max_speech:
                 self.possible_ends.append((self.temp_end, sil_dur))
             self.temp_end = 0
-            if self.next_start < self.prev_end:
-                self.next_start = cur_sample
 
         if prob >= threshold and not self.triggered:
             self.triggered = True
@@ -227,29 +228,20 @@ class _Detector:
         ):
             if self.possible_ends:
                 # the longest silence inside the segment (the first of equal ones)
-                self.prev_end, dur = max(self.possible_ends, key=lambda x: x[1])
-                self.kept.append((self.start, self.prev_end))
+                prev_end, dur = max(self.possible_ends, key=lambda x: x[1])
+                self.kept.append((self.start, prev_end))
                 self.start = None
-                self.next_start = self.prev_end + dur
-                if self.next_start < self.prev_end + cur_sample:
-                    self.start = self.next_start
+                next_start = prev_end + dur
+                if next_start < prev_end + cur_sample:
+                    self.start = next_start
                 else:
                     self.triggered = False
-                self.prev_end = self.next_start = self.temp_end = 0
-                self.possible_ends = []
-            elif self.prev_end:  # never set in this mode; kept as silero has it
-                self.kept.append((self.start, self.prev_end))
-                self.start = None
-                if self.next_start < self.prev_end:
-                    self.triggered = False
-                else:
-                    self.start = self.next_start
-                self.prev_end = self.next_start = self.temp_end = 0
+                self.temp_end = 0
                 self.possible_ends = []
             else:
                 self.kept.append((self.start, cur_sample))
                 self.start = None
-                self.prev_end = self.next_start = self.temp_end = 0
+                self.temp_end = 0
                 self.triggered = False
                 self.possible_ends = []
                 return
@@ -264,7 +256,7 @@ class _Detector:
             if self.start is not None and end - self.start > self.min_speech_samples:
                 self.kept.append((self.start, end))
             self.start = None
-            self.prev_end = self.next_start = self.temp_end = 0
+            self.temp_end = 0
             self.triggered = False
             self.possible_ends = []
 
@@ -285,22 +277,22 @@ class _Detector:
         return not self.temp_end or self.temp_end - self.start > self.min_speech_samples
 
 
-def _padded_start(raw: Sequence[tuple[int, int]], i: int, pad: float) -> int:
-    """silero's padding of segment i's start (needs only segment i - 1)."""
-    start = raw[i][0]
-    if i == 0:
+def _padded_start(start: int, previous_end: int | None, pad: float) -> int:
+    """silero's padding of a segment's start (needs only the previous segment's unpadded end;
+    None: the first segment)."""
+    if previous_end is None:
         return int(max(0, start - pad))
-    silence_duration = start - raw[i - 1][1]
+    silence_duration = start - previous_end
     if silence_duration < 2 * pad:
         return int(max(0, start - silence_duration // 2))
     return int(max(0, start - pad))
 
 
-def _padded_end(raw: Sequence[tuple[int, int]], i: int, pad: float, n_samples: int) -> int:
-    """silero's padding of segment i's end (needs segment i + 1, or the audio's length)."""
-    end = raw[i][1]
-    if i != len(raw) - 1:
-        silence_duration = raw[i + 1][0] - end
+def _padded_end(end: int, next_start: int | None, pad: float, n_samples: int) -> int:
+    """silero's padding of a segment's end (needs the next segment's unpadded start; None: the
+    last segment, padded up to the audio's length `n_samples`)."""
+    if next_start is not None:
+        silence_duration = next_start - end
         if silence_duration < 2 * pad:
             return end + int(silence_duration // 2)
     return int(min(n_samples, end + pad))
@@ -315,10 +307,12 @@ def _segments(
         first, last = start // FRAME_SAMPLES, -(-end // FRAME_SAMPLES)
         frames = probabilities[first:last]
         mean = float(frames.mean()) if len(frames) else 0.0
+        previous_end = raw[i - 1][1] if i > 0 else None
+        next_start = raw[i + 1][0] if i + 1 < len(raw) else None
         segments.append(
             Segment(
-                start_sample=_padded_start(raw, i, pad),
-                end_sample=_padded_end(raw, i, pad, n_samples),
+                start_sample=_padded_start(start, previous_end, pad),
+                end_sample=_padded_end(end, next_start, pad, n_samples),
                 mean_probability=mean,
             )
         )
@@ -368,10 +362,6 @@ class StreamingSegmenter:
 
     def __post_init__(self) -> None:
         self._detector = _Detector(self.params)
-
-    @property
-    def frames(self) -> int:
-        return self._detector.frames
 
     @property
     def detector(self) -> _Detector:
@@ -435,21 +425,28 @@ class StreamingSegmenter:
         kept = detector.kept
         # The segments known to be in the final list: every kept one, and the open one once it
         # is sure to be kept (its start is then final: padding needs only the previous end).
-        known = list(kept)
+        # Segment i of that list is kept[i], or the open one at i == len(kept); no copy is made.
+        n_known = len(kept)
+        open_start = detector.start
         if detector.open_segment_is_kept():
-            assert detector.start is not None
-            known.append((detector.start, received))
+            assert open_start is not None
+            n_known += 1
         while True:
-            if self._started == self._ended and self._started < len(known):
+            if self._started == self._ended and self._started < n_known:
                 i = self._started
-                sample = _padded_start(known, i, pad)
+                start = kept[i][0] if i < len(kept) else open_start
+                assert start is not None
+                previous_end = kept[i - 1][1] if i > 0 else None
+                sample = _padded_start(start, previous_end, pad)
                 events.append(SpeechEvent(EventKind.SPEECH_START, i, sample, received))
                 self._started += 1
             elif self._ended < self._started and self._ended < len(kept):
                 i = self._ended
                 end = kept[i][1]
-                if i + 1 < len(known):
-                    sample = _padded_end(known, i, pad, received)
+                if i + 1 < n_known:
+                    next_start = kept[i + 1][0] if i + 1 < len(kept) else open_start
+                    assert next_start is not None
+                    sample = _padded_end(end, next_start, pad, received)
                 else:
                     # No later segment is known: the end is end + pad once no segment can start
                     # within two pads of it (an open one starts after that, or none is open and

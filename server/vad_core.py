@@ -2,9 +2,9 @@
 gRPC.
 
 Audio is decoded, downmixed and resampled to 16 kHz (server/audio.py), Silero VAD runs in
-Triton (server/vad_model.py) and the probabilities become segments (server/vad.py). Decoding a
-whole file runs in the preprocessing thread pool; a stream's chunks are small and are decoded on
-the event loop (a chunk over `INLINE_CHUNK_BYTES` goes to the pool too).
+Triton (server/vad_model.py) and the probabilities become segments (server/vad.py). Decoding
+(a whole file, or each chunk of a stream) and the segmentation of a whole recording run in the
+preprocessing thread pool, so that the event loop keeps serving.
 
 A stream holds, besides the detector's state: less than one sample frame of bytes, less than one
 32 ms frame of 16 kHz samples, the resampler's state, and one probability per frame
@@ -13,29 +13,28 @@ heard (8 bytes each, bounded by `max_stream_seconds`: 450 KB for the default 30 
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import numpy as np
 
-from server.audio import SAMPLE_RATE, RawAudioSpec, SampleFormat, decode_content, decode_raw
-from server.config import Settings
-from server.deadlines import deadline_after, time_left
-from server.errors import DeadlineExceeded, InvalidArgument, InvalidAudio
-from server.telemetry import (
-    ATTR_AUDIO_BYTES,
-    ATTR_AUDIO_FIELD,
-    ATTR_AUDIO_SECONDS,
-    ATTR_AUDIO_SOURCE,
-    ATTR_SPEECH_SECONDS,
-    DISABLED,
-    Telemetry,
+from server.audio import (
+    SAMPLE_RATE,
+    AudioInput,
+    AudioLimits,
+    MonoConverter,
+    SampleFormat,
+    check_raw_spec,
+    decode_audio,
+    raw_dtype,
 )
+from server.config import Settings
+from server.deadlines import deadline_after, run_in_pool, time_left
+from server.errors import InvalidArgument, InvalidAudio
+from server.telemetry import ATTR_AUDIO_SECONDS, ATTR_SPEECH_SECONDS, DISABLED, Telemetry
 from server.vad import (
     FRAME_SAMPLES,
     Segment,
@@ -47,17 +46,15 @@ from server.vad import (
 )
 from server.vad_model import VadState
 
-AudioInput = bytes | RawAudioSpec
 T = TypeVar("T")
 
-# Stream chunks up to this size are decoded on the event loop (microseconds of work); larger
-# ones in the preprocessing pool, so that one huge chunk does not stall other calls.
-INLINE_CHUNK_BYTES = 64 * 1024
 ATTR_SEGMENT_COUNT = "voicegate.vad.segment_count"
 
 
 class SpeechProbabilities(Protocol):
     """Per-frame speech probabilities (TritonVad in production)."""
+
+    window_frames: int  # frames per request; callers cut their audio into the same windows
 
     async def probabilities(
         self,
@@ -110,6 +107,7 @@ class VoiceActivityCore:
         telemetry: Telemetry | None = None,
     ) -> None:
         self._settings = settings
+        self._limits = settings.audio_limits
         self._vad = vad
         self._executor = executor
         self._telemetry = telemetry or DISABLED
@@ -128,12 +126,21 @@ class VoiceActivityCore:
     ) -> VadResult:
         """The speech segments of one whole recording."""
         deadline = deadline_after(timeout_s)
-        wav = await self._decode(audio, deadline)
-        n_samples = len(wav)
-        padded = pad_to_frames(wav)
+        limits, telemetry = self._limits, self._telemetry
+
+        def decode() -> tuple[int, np.ndarray]:
+            wav = decode_audio(audio, "audio", limits, deadline, telemetry)
+            return len(wav), pad_to_frames(wav)
+
+        n_samples, padded = await self._run(decode, deadline)
         with self._telemetry.stage("vad", {ATTR_AUDIO_SECONDS: n_samples / SAMPLE_RATE}) as span:
             probabilities, _ = await self._vad.probabilities(padded, timeout_s=time_left(deadline))
-            segments = speech_segments(probabilities, n_samples, params)
+            segments = await run_in_pool(
+                self._executor,
+                lambda: speech_segments(probabilities, n_samples, params),
+                deadline,
+                "speech segmentation",
+            )
             result = VadResult(segments, n_samples)
             span.set_attribute(ATTR_SEGMENT_COUNT, len(segments))
             span.set_attribute(ATTR_SPEECH_SECONDS, result.speech_seconds)
@@ -152,91 +159,41 @@ class VoiceActivityCore:
         if metrics is not None:
             metrics.vad_streams.set(self.active_streams)
 
-    async def _decode(self, audio: AudioInput, deadline: float | None) -> np.ndarray:
-        limits = self._settings.audio_limits
-        telemetry = self._telemetry
-        if isinstance(audio, RawAudioSpec):
-            decode: Callable[[], np.ndarray] = lambda: decode_raw(  # noqa: E731
-                audio, limits, "audio.raw", deadline
-            )
-            source, size = "raw", len(audio.samples)
-        else:
-            decode = lambda: decode_content(audio, limits, "audio.content", deadline)  # noqa: E731
-            source, size = "content", len(audio)
-
-        def work() -> np.ndarray:
-            attributes: dict[str, str | int] = {
-                ATTR_AUDIO_FIELD: "audio",
-                ATTR_AUDIO_SOURCE: source,
-                ATTR_AUDIO_BYTES: size,
-            }
-            with telemetry.stage("decode", attributes) as span:
-                wav = decode()
-                span.set_attribute(ATTR_AUDIO_SECONDS, len(wav) / SAMPLE_RATE)
-            telemetry.count_audio("decoded", len(wav) / SAMPLE_RATE)
-            return wav
-
-        return await self._run(work, deadline)
-
     async def _run(self, work: Callable[[], T], deadline: float | None) -> T:
-        loop = asyncio.get_running_loop()
-        context = contextvars.copy_context()  # spans of the worker are children of the RPC's
-        future = loop.run_in_executor(self._executor, context.run, work)
-        try:
-            return await asyncio.wait_for(future, timeout=time_left(deadline))
-        except TimeoutError:
-            raise DeadlineExceeded("deadline passed during audio decoding") from None
+        return await run_in_pool(self._executor, work, deadline, "audio decoding")
 
 
 class RawStreamDecoder:
     """Raw interleaved little-endian chunks, split anywhere, to mono 16 kHz float32.
 
     `feed` returns the 16 kHz samples the new bytes complete; bytes of an unfinished sample
-    frame wait for the next chunk. The resampler is soxr's streaming one, which gives what one
-    `soxr.resample` of the whole would (as server/audio.py decodes whole buffers).
+    frame wait for the next chunk. Whole frames are converted as server/audio.py converts whole
+    buffers (`audio.MonoConverter`: the same scaling, downmix, clipping and streamed
+    resampling, bit for bit); this class adds the framing and the stream's duration limit.
     """
 
-    def __init__(self, spec: StreamSpec, settings: Settings, field: str = "config") -> None:
-        import soxr
-
-        limits = settings.audio_limits
-        if spec.format is None:
-            raise InvalidArgument(
-                f"{field}.format is required (SAMPLE_FORMAT_LINEAR16 or SAMPLE_FORMAT_FLOAT32)",
-                field=f"{field}.format",
-            )
-        low, high = limits.min_sample_rate_hz, limits.max_sample_rate_hz
-        if not low <= spec.sample_rate_hz <= high:
-            raise InvalidArgument(
-                f"{field}.sample_rate_hz: sample rate {spec.sample_rate_hz} Hz is outside the "
-                f"accepted {low}..{high} Hz",
-                field=f"{field}.sample_rate_hz",
-            )
-        channels = spec.channels or 1
-        if not 1 <= channels <= limits.max_channels:
-            raise InvalidArgument(
-                f"{field}.channels: {spec.channels} channels; 1..{limits.max_channels} are "
-                "accepted",
-                field=f"{field}.channels",
-            )
+    def __init__(
+        self,
+        spec: StreamSpec,
+        settings: Settings,
+        field: str = "config",
+        limits: AudioLimits | None = None,
+    ) -> None:
+        """`limits`: the request limits (default: `settings.audio_limits`)."""
+        self.format, self.channels = check_raw_spec(
+            spec.format,
+            spec.sample_rate_hz,
+            spec.channels,
+            limits or settings.audio_limits,
+            field,
+        )
         self.rate = spec.sample_rate_hz
-        self.channels = channels
-        self.format = spec.format
         self.max_seconds = settings.max_stream_seconds
-        self._dtype = np.dtype("<i2") if spec.format is SampleFormat.LINEAR16 else np.dtype("<f4")
-        self._frame_bytes = self._dtype.itemsize * channels
+        self._dtype = raw_dtype(self.format)
+        self._frame_bytes = self._dtype.itemsize * self.channels
         self._pending = b""
-        self.frames = 0  # sample frames received, at the source rate
         self.bytes = 0
-        self._resampler: Any = None
-        if self.rate != SAMPLE_RATE:
-            self._resampler = soxr.ResampleStream(
-                self.rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ"
-            )
-
-    @property
-    def seconds(self) -> float:
-        return self.frames / self.rate
+        self._converter = MonoConverter(self.rate, "audio_chunk")
 
     def check_size(self, chunk_bytes: int) -> None:
         """INVALID_ARGUMENT when `chunk_bytes` more would pass the stream duration limit."""
@@ -257,17 +214,7 @@ class RawStreamDecoder:
         if not whole:
             return np.zeros(0, np.float32)
         samples = np.frombuffer(data, dtype=self._dtype, count=whole // self._dtype.itemsize)
-        block = samples.reshape(-1, self.channels).astype(np.float32)
-        if self.format is SampleFormat.LINEAR16:
-            block /= np.float32(2**15)
-        elif not np.isfinite(block).all():
-            raise InvalidAudio("audio_chunk contains NaN or infinite samples", field="audio_chunk")
-        self.frames += len(block)
-        mono = np.clip(block.mean(axis=1, dtype=np.float32), -1.0, 1.0).astype(np.float32)
-        if self._resampler is None:
-            return mono
-        out: np.ndarray = self._resampler.resample_chunk(mono)
-        return out
+        return self._converter.push(samples.reshape(-1, self.channels))
 
     def finish(self) -> np.ndarray:
         """The resampler's last samples; INVALID_ARGUMENT when the stream ends mid-frame."""
@@ -278,12 +225,9 @@ class RawStreamDecoder:
                 f"{self.format.value})",
                 field="audio_chunk",
             )
-        if self.frames == 0:
+        if self._converter.frames == 0:
             raise InvalidAudio("audio_chunk: the stream holds no audio", field="audio_chunk")
-        if self._resampler is None:
-            return np.zeros(0, np.float32)
-        out: np.ndarray = self._resampler.resample_chunk(np.zeros(0, np.float32), last=True)
-        return out
+        return self._converter.finish()
 
 
 class VadStream:
@@ -298,7 +242,7 @@ class VadStream:
     ) -> None:
         self._core = core
         self._telemetry = core._telemetry
-        self._decoder = RawStreamDecoder(spec, core.settings)
+        self._decoder = RawStreamDecoder(spec, core.settings, limits=core._limits)
         self._segmenter = StreamingSegmenter(params)
         self._deadline = deadline
         self._state: VadState | None = None
@@ -327,28 +271,28 @@ class VadStream:
         if not chunk:
             return []
         with self._telemetry.timed("decode"):
-            if len(chunk) > INLINE_CHUNK_BYTES:
-                self._decoder.check_size(len(chunk))  # before handing the work to a thread
-                samples = await self._core._run(lambda: self._decoder.feed(chunk), self._deadline)
-            else:
-                samples = self._decoder.feed(chunk)
+            self._decoder.check_size(len(chunk))  # before handing the work to a thread
+            samples = await self._core._run(lambda: self._decoder.feed(chunk), self._deadline)
         return await self._detect(samples)
 
     async def finish(self) -> tuple[list[SpeechEvent], VadResult]:
         """The events left and every segment, once the caller has sent all its audio."""
         time_left(self._deadline)
-        events = await self._detect(self._decoder.finish())
-        tail = self._buffer
+        samples = await self._core._run(self._decoder.finish, self._deadline)
+        self._n_samples += len(samples)
         n_samples = self._n_samples
-        tail_probabilities = np.zeros(0, np.float32)
-        if len(tail):
-            padded = np.concatenate([tail, np.zeros(FRAME_SAMPLES - len(tail), np.float32)])
+        # the frames left, the last zero-padded, in one request (as StreamingEmbed's last window)
+        rest = np.concatenate([self._buffer, samples]) if len(self._buffer) else samples
+        self._buffer = np.zeros(0, np.float32)
+        whole = len(rest) // FRAME_SAMPLES
+        probabilities = np.zeros(0, np.float32)
+        if len(rest):
             with self._telemetry.timed("vad"):
-                tail_probabilities, self._state = await self._core.vad.probabilities(
-                    padded, self._state, timeout_s=time_left(self._deadline)
+                probabilities, self._state = await self._core.vad.probabilities(
+                    pad_to_frames(rest), self._state, timeout_s=time_left(self._deadline)
                 )
-            self._buffer = np.zeros(0, np.float32)
-        last, segments = self._segmenter.finish(n_samples, tail_probabilities)
+        events = self._segmenter.push(probabilities[:whole])
+        last, segments = self._segmenter.finish(n_samples, probabilities[whole:])
         result = VadResult(segments, n_samples)
         self._telemetry.count_audio("decoded", result.audio_seconds)
         self._telemetry.annotate(

@@ -15,19 +15,23 @@ The probabilities equal those of silero's own per-chunk model (`silero_vad.onnx`
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from server.triton_client import TritonClient
+from server.deadlines import deadline_after, time_left
+from server.vad import FRAME_SAMPLES, SAMPLE_RATE
 
-FRAME_SAMPLES = 512  # 32 ms at 16 kHz
+if TYPE_CHECKING:
+    from server.triton_client import TritonClient
+
+# The Triton model's name and interface, shared with its export (export/vad.py,
+# export/triton_config.py).
+MODEL_NAME = "silero_vad"
 CONTEXT_SAMPLES = 64
-FRAME_WIDTH = CONTEXT_SAMPLES + FRAME_SAMPLES
+FRAME_WIDTH = CONTEXT_SAMPLES + FRAME_SAMPLES  # 576
 HIDDEN = 128
-SAMPLE_RATE = 16000
 FRAMES_INPUT, STATE_INPUT = "frames", "state"
 PROBS_OUTPUT, STATE_OUTPUT = "probabilities", "state_out"
 # Frames per Triton request at most: 64 frames = 2.048 s of audio. Measured with
@@ -63,9 +67,13 @@ class VadState:
         return cls(np.zeros(CONTEXT_SAMPLES, np.float32), np.zeros((2, HIDDEN), np.float32))
 
 
-def frames_of(samples: np.ndarray, context: np.ndarray) -> np.ndarray:
+def frames_of(samples: np.ndarray, context: np.ndarray | None = None) -> np.ndarray:
     """[n, 576] frames of `samples` (length n * 512), each preceded by the 64 samples before it
-    (`context` before the first)."""
+    (`context` before the first; None: zeros, the start of a stream)."""
+    if len(samples) % FRAME_SAMPLES:
+        raise ValueError(f"sample count {len(samples)} is not a multiple of {FRAME_SAMPLES}")
+    if context is None:
+        context = np.zeros(CONTEXT_SAMPLES, np.float32)
     padded = np.concatenate([context, samples]).astype(np.float32, copy=False)
     n = len(samples) // FRAME_SAMPLES
     view = np.lib.stride_tricks.sliding_window_view(padded, FRAME_WIDTH)
@@ -75,10 +83,12 @@ def frames_of(samples: np.ndarray, context: np.ndarray) -> np.ndarray:
 class TritonVad:
     """Speech probabilities from the Triton model `model`, `window_frames` frames per request."""
 
+    window_frames: int  # frames per request: callers cut their audio into the same windows
+
     def __init__(
         self,
         client: TritonClient,
-        model: str = "silero_vad",
+        model: str = MODEL_NAME,
         window_frames: int = DEFAULT_WINDOW_FRAMES,
     ) -> None:
         if window_frames < 1:
@@ -92,17 +102,14 @@ class TritonVad:
         samples: np.ndarray,
         state: VadState | None = None,
         timeout_s: float | None = None,
-        *,
-        headers: Mapping[str, str] | None = None,
     ) -> tuple[np.ndarray, VadState]:
         """One speech probability per 512-sample frame of `samples` (16 kHz float32, length a
         multiple of 512; the caller buffers the remainder). `state` carries across calls.
 
         Returns float32 [len(samples) // 512] probabilities and the state to pass next time
         (None: the start of a stream). `timeout_s` bounds the whole call (default: the client's
-        timeout for each Triton request); `headers` go to Triton as gRPC metadata. Raises
-        ValueError for malformed samples, and the TritonClient's errors (BackendUnavailable,
-        DeadlineExceeded) when Triton fails.
+        timeout for each Triton request). Raises ValueError for malformed samples, and the
+        TritonClient's errors (BackendUnavailable, DeadlineExceeded) when Triton fails.
         """
         samples = np.asarray(samples)
         if samples.ndim != 1:
@@ -116,20 +123,23 @@ class TritonVad:
         state = state or VadState.initial()
         if len(samples) == 0:
             return np.zeros(0, np.float32), state
-        frames = frames_of(samples, state.context)
         recurrent = np.ascontiguousarray(state.recurrent[None])
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout_s is None else loop.time() + timeout_s
+        context = state.context
+        deadline = deadline_after(timeout_s)
+        window_samples = self.window_frames * FRAME_SAMPLES
         parts = []
-        # Sequential on purpose: each window starts from the state the previous one left.
-        for start in range(0, len(frames), self.window_frames):
-            window = frames[None, start : start + self.window_frames]
+        # Sequential on purpose: each window starts from the state the previous one left. The
+        # frames are built one window at a time, so a long recording never has all its frames
+        # (576 floats per 512 samples) in memory at once.
+        for start in range(0, len(samples), window_samples):
+            chunk = samples[start : start + window_samples]
+            window = frames_of(chunk, context)[None]
+            context = chunk[-CONTEXT_SAMPLES:]
             result = await self.client.infer(
                 self.model,
                 {FRAMES_INPUT: window, STATE_INPUT: recurrent},
                 [PROBS_OUTPUT, STATE_OUTPUT],
-                timeout_s=None if deadline is None else deadline - loop.time(),
-                headers=headers,
+                timeout_s=time_left(deadline),
             )
             probs, recurrent = result[PROBS_OUTPUT], result[STATE_OUTPUT]
             if probs.shape != (1, window.shape[1]) or recurrent.shape != (1, 2, HIDDEN):
@@ -142,4 +152,12 @@ class TritonVad:
         return np.concatenate(parts).astype(np.float32, copy=False), next_state
 
 
-__all__ = ["CONTEXT_SAMPLES", "FRAME_SAMPLES", "TritonVad", "VadState"]
+__all__ = [
+    "CONTEXT_SAMPLES",
+    "FRAME_SAMPLES",
+    "MODEL_NAME",
+    "SAMPLE_RATE",
+    "TritonVad",
+    "VadState",
+    "frames_of",
+]

@@ -6,17 +6,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from server.api.voicegate.v1 import audio_pb2, vad_pb2, vad_pb2_grpc
-from server.audio import SampleFormat
+from server.api.voicegate.v1 import vad_pb2, vad_pb2_grpc
 from server.errors import InvalidArgument
-from server.servicer import audio_from_proto
+from server.servicer import audio_from_proto, stream_spec_from_proto
 from server.vad import EventKind, Segment, SpeechEvent, VadParams
-from server.vad_core import StreamSpec, VadResult, VoiceActivityCore
+from server.vad_core import VadResult, VoiceActivityCore
 
-_SAMPLE_FORMATS = {
-    audio_pb2.SAMPLE_FORMAT_LINEAR16: SampleFormat.LINEAR16,
-    audio_pb2.SAMPLE_FORMAT_FLOAT32: SampleFormat.FLOAT32,
-}
 _EVENT_TYPES = {
     EventKind.SPEECH_START: vad_pb2.SPEECH_EVENT_TYPE_SPEECH_START,
     EventKind.SPEECH_END: vad_pb2.SPEECH_EVENT_TYPE_SPEECH_END,
@@ -90,11 +85,7 @@ class VoiceActivityServicer(vad_pb2_grpc.VoiceActivityServiceServicer):
                 field="config",
             )
         config = first.config
-        spec = StreamSpec(
-            format=_SAMPLE_FORMATS.get(config.format),
-            sample_rate_hz=config.sample_rate_hz,
-            channels=config.channels,
-        )
+        spec = stream_spec_from_proto(config)
         params = params_from_proto(config.options, "config.options")
         async with self._core.open_stream(spec, params, context.time_remaining()) as stream:
             async for request in requests:

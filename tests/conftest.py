@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import os
+import shutil
+import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,18 +12,21 @@ import grpc
 import pytest
 import pytest_asyncio
 
+from export.devdata import resolve_data_dir
 from server.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA_DIR = ROOT.parent / "shared" / "data" / "librispeech-train-clean-100"
 MODEL_REPOSITORY = ROOT / "model_repository"
+NODE_DIR = ROOT / "examples" / "node"
+# Written by the Makefile's `npm ci` rule, and by the node_modules fixture below.
+NODE_INSTALLED = NODE_DIR / "node_modules" / ".installed"
 
 
 def dev_data_dir() -> Path | None:
-    """Dev speech from VOICEGATE_DATA_DIR (default: ../shared/data beside the project)."""
-    configured = os.environ.get("VOICEGATE_DATA_DIR")
-    path = Path(configured) if configured else DEFAULT_DATA_DIR
-    return path if path.is_dir() and any(path.glob("*.flac")) else None
+    """Dev speech (export.devdata.resolve_data_dir: VOICEGATE_DATA_DIR, default
+    ../shared/data beside the project), when it holds FLAC files."""
+    path = resolve_data_dir(None)
+    return path if path is not None and any(path.glob("*.flac")) else None
 
 
 # Figures a test measured (recovery times, ...), printed again in pytest's terminal summary so
@@ -84,6 +88,9 @@ def base_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
             "state_dir": tmp_path_factory.mktemp("state"),
             "grace_seconds": 2.0,
             "health_poll_s": 0.2,
+            # Prometheus off: apps of their own run beside the session's (observability's
+            # traced_app serves it on a free port of its own).
+            "metrics_port": 0,
             # Tests drive up to 26 concurrent calls at the engine; admission has its own tests.
             "max_inflight_requests": 64,
         },
@@ -122,6 +129,26 @@ def speaker_stub(channel: grpc.aio.Channel) -> object:
     from server.api.voicegate.v1 import speaker_pb2_grpc
 
     return speaker_pb2_grpc.SpeakerServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def node_modules() -> Path:
+    """examples/node's locked packages (buf, @grpc/grpc-js...), installed with `npm ci` unless
+    `make` did (its marker file); skips without Node.js."""
+    if shutil.which("node") is None:
+        pytest.skip("Node.js is not installed: the Node packages (buf, the client) cannot run")
+    if not NODE_INSTALLED.exists():
+        npm = shutil.which("npm")
+        if npm is None:
+            pytest.fail("node is installed but npm is not: cannot install examples/node")
+        subprocess.run(
+            [npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund"],
+            cwd=NODE_DIR,
+            check=True,
+            timeout=300,
+        )
+        NODE_INSTALLED.touch()
+    return NODE_INSTALLED.parent
 
 
 @pytest.fixture(scope="session")

@@ -12,12 +12,13 @@ import contextlib
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from server.triton_process import free_ports
 
 DATABASE = "voicegate"
 USER = "voicegate"
@@ -33,12 +34,6 @@ def find_bin_dir() -> Path | None:
         if all((candidate / name).exists() for name in ("initdb", "pg_ctl", "postgres")):
             return candidate
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _run_as() -> pwd.struct_passwd | None:
@@ -64,7 +59,7 @@ def postgres_server(bin_dir: Path) -> Iterator[PostgresServer]:
     user = _run_as()
     root = Path(tempfile.mkdtemp(prefix="voicegate-pg-"))
     data = root / "data"
-    port = _free_port()
+    (port,) = free_ports(1)
     kwargs: dict[str, object] = {}
     if user is not None:
         os.chown(root, user.pw_uid, user.pw_gid)

@@ -1,9 +1,9 @@
 """The API as a product: buf lint and breaking checks, documentation of every element, and the
 code-generation setup for other languages.
 
-buf comes from examples/node's lockfile (`make api-check` installs it; a lone pytest run installs
-it here). The documentation checks read the descriptors protoc builds with source info, so
-they run without Node too.
+buf comes from examples/node's lockfile (installed by the Makefile, or by conftest's
+node_modules fixture for a lone pytest run). The documentation checks read the descriptors
+protoc builds with source info, so they run without Node too.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ PROTO_DIR = ROOT / "proto"
 PROTOS = sorted(PROTO_DIR.glob("voicegate/v1/*.proto"))
 RELEASED = PROTO_DIR / "released" / "voicegate-v1.binpb"
 NODE_DIR = ROOT / "examples" / "node"
-BUF = NODE_DIR / "node_modules" / ".bin" / "buf"
 
 # Errors raised only at start-up or by tools, never returned to a caller.
 NOT_RETURNED = {errors.ConfigError, errors.ExportError}
@@ -36,18 +35,8 @@ FROM_GRPC = {"RESOURCE_EXHAUSTED"}
 
 
 @pytest.fixture(scope="module")
-def buf() -> Path:
-    if not BUF.exists():
-        npm = shutil.which("npm")
-        if shutil.which("node") is None or npm is None:
-            pytest.skip("Node.js/npm are not installed: buf (an npm package) cannot run")
-        subprocess.run(
-            [npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund"],
-            cwd=NODE_DIR,
-            check=True,
-            timeout=300,
-        )
-    return BUF
+def buf(node_modules: Path) -> Path:
+    return node_modules / ".bin" / "buf"
 
 
 def run_buf(buf: Path, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:

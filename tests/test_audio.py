@@ -1,10 +1,7 @@
 """Decoding and preprocessing: real formats, raw PCM and every way audio can be wrong."""
 
-import io
-
 import numpy as np
 import pytest
-import soundfile
 
 from server.audio import (
     SAMPLE_RATE,
@@ -24,33 +21,22 @@ from server.features import (
     prepare_utterance,
     trim_silence,
 )
+from tests.speech import tone, wav_bytes
 
 LIMITS = AudioLimits(max_seconds=10)
-
-
-def tone(seconds: float, rate: int = SAMPLE_RATE, channels: int = 1) -> np.ndarray:
-    t = np.arange(int(seconds * rate)) / rate
-    wave = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
-    return np.repeat(wave[:, None], channels, axis=1)
-
-
-def encode(frames: np.ndarray, rate: int, fmt: str, subtype: str | None = None) -> bytes:
-    buffer = io.BytesIO()
-    soundfile.write(buffer, frames, rate, format=fmt, subtype=subtype)
-    return buffer.getvalue()
 
 
 @pytest.mark.parametrize(("fmt", "subtype"), [("WAV", "PCM_16"), ("FLAC", None), ("OGG", None)])
 @pytest.mark.parametrize("rate", [8000, 44100])
 def test_encoded_files_decode_to_mono_16k(fmt: str, subtype: str | None, rate: int) -> None:
-    content = encode(tone(1.0, rate, channels=2), rate, fmt, subtype)
+    content = wav_bytes(tone(1.0, rate, channels=2), rate, fmt, subtype)
     wave = decode_content(content, LIMITS)
     assert wave.dtype == np.float32
     assert abs(len(wave) - SAMPLE_RATE) <= 64
 
 
 def test_mp3_decodes() -> None:
-    content = encode(tone(1.0, 44100), 44100, "MP3")
+    content = wav_bytes(tone(1.0, 44100), 44100, "MP3")
     wave = decode_content(content, LIMITS)
     assert abs(len(wave) / SAMPLE_RATE - 1.0) < 0.1
 
@@ -69,7 +55,7 @@ def test_bad_content_is_invalid_audio(content: bytes, message: str) -> None:
 
 
 def test_truncated_wav_still_decodes_what_is_there_or_fails_cleanly() -> None:
-    content = encode(tone(1.0), SAMPLE_RATE, "WAV", "PCM_16")[:5000]
+    content = wav_bytes(tone(1.0), SAMPLE_RATE, "WAV", "PCM_16")[:5000]
     try:
         wave = decode_content(content, LIMITS)
     except InvalidAudio:
@@ -78,7 +64,7 @@ def test_truncated_wav_still_decodes_what_is_there_or_fails_cleanly() -> None:
 
 
 def test_too_long_content_is_rejected_before_decoding() -> None:
-    content = encode(tone(3.0), SAMPLE_RATE, "WAV", "PCM_16")
+    content = wav_bytes(tone(3.0), SAMPLE_RATE, "WAV", "PCM_16")
     with pytest.raises(InvalidArgument, match="over the limit of 2 s"):
         decode_content(content, AudioLimits(max_seconds=2))
 

@@ -25,6 +25,7 @@ from server.audio import AudioLimits, RawAudioSpec, SampleFormat, decode_content
 from server.config import Settings
 from server.errors import DeadlineExceeded, InvalidArgument
 from server.grpc_errors import rich_status
+from tests import speech
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMITED = {
@@ -37,40 +38,12 @@ LIMITED = {
 }
 
 
-def tone(seconds: float, rate: int, channels: int = 1) -> np.ndarray:
-    t = np.arange(int(seconds * rate)) / rate
-    wave = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
-    return np.repeat(wave[:, None], channels, axis=1)
-
-
 def wav(seconds: float, rate: int = 16_000, channels: int = 1) -> bytes:
-    buffer = io.BytesIO()
-    soundfile.write(buffer, tone(seconds, rate, channels), rate, format="WAV", subtype="PCM_16")
-    return buffer.getvalue()
+    return speech.wav_bytes(speech.tone(seconds, rate, channels), rate, "WAV", "PCM_16")
 
 
 def raw(seconds: float, rate: int = 16_000, channels: int = 1) -> audio_pb2.Audio:
-    pcm = (tone(seconds, rate, channels) * 32767).astype("<i2").tobytes()
-    return audio_pb2.Audio(
-        raw=audio_pb2.RawAudio(
-            samples=pcm,
-            format=audio_pb2.SAMPLE_FORMAT_LINEAR16,
-            sample_rate_hz=rate,
-            channels=channels,
-        )
-    )
-
-
-def bad_request(error: grpc.aio.AioRpcError) -> error_details_pb2.FieldViolation:
-    """The one field violation of a failed call's google.rpc.BadRequest detail."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None, "no google.rpc.Status in the trailers"
-    assert status.code == error.code().value[0] and status.message == error.details()
-    (detail,) = status.details
-    found = error_details_pb2.BadRequest()
-    assert detail.Unpack(found)
-    (violation,) = found.field_violations
-    return violation
+    return speech.raw16(speech.tone(seconds, rate, channels), rate)
 
 
 # --- in process -------------------------------------------------------------------------------
@@ -178,7 +151,6 @@ async def limited_stub(base_settings: Settings, triton: object) -> AsyncIterator
 
     settings = base_settings.replace(
         triton_url=triton.grpc_url,  # type: ignore[attr-defined]
-        metrics_port=0,
         **LIMITED,
     )
     async with (
@@ -218,7 +190,7 @@ async def test_each_limit_is_invalid_argument_with_a_bad_request(
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, setting
     assert message in caught.value.details(), setting
     assert caught.value.details().startswith(field), setting
-    violation = bad_request(caught.value)
+    violation = speech.bad_request(caught.value)
     assert violation.field == field
     assert violation.description == caught.value.details()
 
@@ -238,12 +210,12 @@ async def test_fields_name_the_side_and_the_item(limited_stub: Any) -> None:
         await limited_stub.Verify(
             speaker_pb2.VerifyRequest(reference=good, probe=raw(1.5, rate=8_000)), timeout=30
         )
-    assert bad_request(caught.value).field == "probe.raw.sample_rate_hz"
+    assert speech.bad_request(caught.value).field == "probe.raw.sample_rate_hz"
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await limited_stub.Enroll(
             speaker_pb2.EnrollRequest(speaker_id="limits-1", audio=[good, raw(4.0)]), timeout=30
         )
-    assert bad_request(caught.value).field == "audio[1].raw.samples"
+    assert speech.bad_request(caught.value).field == "audio[1].raw.samples"
 
 
 @pytest.mark.integration
@@ -277,4 +249,4 @@ async def test_other_invalid_arguments_carry_their_field(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await calls[request_kind]()
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert bad_request(caught.value).field == field
+    assert speech.bad_request(caught.value).field == field

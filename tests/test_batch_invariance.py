@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from export import evaluation, validation
+from tests import tritonkit
 from tests.conftest import MODEL_REPOSITORY, dev_data_dir, require_exported_models
 
 LIMIT = 1e-5
@@ -85,19 +86,6 @@ def test_dynamic_int8_depends_on_its_batch(served_models: dict[str, Path], tmp_p
 # --- through the running server -----------------------------------------------------------
 
 
-async def _triton_counts(grpc_url: str, model: str) -> tuple[int, int]:
-    """(requests served, model executions) of `model` since Triton started."""
-    import tritonclient.grpc.aio as triton_grpc
-
-    client = triton_grpc.InferenceServerClient(grpc_url)
-    try:
-        stats = await client.get_inference_statistics(model_name=model)
-    finally:
-        await client.close()
-    (model_stats,) = stats.model_stats
-    return int(model_stats.inference_stats.success.count), int(model_stats.execution_count)
-
-
 @pytest.mark.integration
 @pytest.mark.parametrize("model", ["ge2e_int8", "ge2e_fp32"])
 async def test_same_utterance_same_embedding_alone_and_under_concurrent_load(
@@ -119,7 +107,7 @@ async def test_same_utterance_same_embedding_alone_and_under_concurrent_load(
 
     alone = await embed(target)
     np.testing.assert_array_equal(await embed(target), alone)
-    requests_before, executions_before = await _triton_counts(triton.grpc_url, model)
+    before = await tritonkit.model_counts(triton.grpc_url, model)
     worst = 0.0
     for round_index in range(3):
         rng = np.random.default_rng(round_index)
@@ -129,8 +117,8 @@ async def test_same_utterance_same_embedding_alone_and_under_concurrent_load(
         replies = await asyncio.gather(*(embed(audio) for audio in calls))
         for index in (position, len(calls) - 1):  # the target's replies
             worst = max(worst, float(np.abs(replies[index] - alone).max()))
-    requests_after, executions_after = await _triton_counts(triton.grpc_url, model)
-    merged = (requests_after - requests_before, executions_after - executions_before)
+    after = await tritonkit.model_counts(triton.grpc_url, model)
+    merged = (after.requests - before.requests, after.executions - before.executions)
     print(f"{model}: max |alone - under load| = {worst:.3g}; requests, executions: {merged}")
     assert worst <= LIMIT, f"{model}: embedding moved by {worst:.3g} under load"
     # the load did batch: fewer model executions than requests

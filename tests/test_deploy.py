@@ -25,6 +25,7 @@ import yaml
 from export.repository import TARGET_MODELS
 from server.api.voicegate.v1 import speaker_pb2
 from server.config import ENV_PREFIX, Settings
+from server.triton_process import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -593,12 +594,6 @@ def test_front_server_dependencies_contain_no_torch() -> None:
 # --- the container health check, against the real server ----------------------------------
 
 
-def closed_port() -> int:
-    from server.triton_process import free_ports
-
-    return free_ports(1)[0]
-
-
 @pytest.mark.integration
 async def test_health_command_reports_serving(app: Any, capsys: pytest.CaptureFixture[str]) -> None:
     from server.cli import main
@@ -616,6 +611,6 @@ async def test_health_command_reports_serving(app: Any, capsys: pytest.CaptureFi
 async def test_health_command_fails_without_a_server(capsys: pytest.CaptureFixture[str]) -> None:
     from server.cli import main
 
-    args = ["health", "--server", f"127.0.0.1:{closed_port()}", "--timeout", "2"]
+    args = ["health", "--server", f"127.0.0.1:{free_ports(1)[0]}", "--timeout", "2"]
     assert await asyncio.to_thread(main, args) == 1
     assert "UNAVAILABLE" in capsys.readouterr().err

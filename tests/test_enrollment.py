@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import signal
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,8 +19,8 @@ from server.config import Settings
 from server.fusion import Calibration
 from server.mfcc import MFCC_DIMENSION
 from server.store import Enrollment
-from tests import speech
-from tests.conftest import ROOT
+from server.triton_process import free_ports
+from tests import serving, speech
 
 pytestmark = pytest.mark.integration
 
@@ -217,42 +213,21 @@ async def test_concurrent_enrolls_of_one_speaker_lose_nothing(
 # ------------------------------------------------------------------ durability
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class ServerProcess:
     """`python -m server.cli serve` against the session's Triton, its log in `state_dir`."""
 
     def __init__(self, state_dir: Path, triton_url: str) -> None:
-        self.port = _free_port()
+        (self.port,) = free_ports(1)
         self.log_path = state_dir / f"serve-{self.port}.log"
-        env = dict(
-            os.environ,
-            VOICEGATE_STATE_DIR=str(state_dir),
-            VOICEGATE_HOST="127.0.0.1",
-            VOICEGATE_PORT=str(self.port),
-            VOICEGATE_METRICS_PORT="0",
-            VOICEGATE_TRITON_URL=triton_url,
-            VOICEGATE_GRACE_SECONDS="1",
-        )
-        with self.log_path.open("w") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "server.cli", "serve"],
-                cwd=ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 120
-        while "voicegate ready" not in self.log_path.read_text():
-            assert self.process.poll() is None, self.log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, "no ready line within 120 s"
-            time.sleep(0.2)
+        env = {
+            "VOICEGATE_STATE_DIR": str(state_dir),
+            "VOICEGATE_HOST": "127.0.0.1",
+            "VOICEGATE_PORT": str(self.port),
+            "VOICEGATE_METRICS_PORT": "0",
+            "VOICEGATE_TRITON_URL": triton_url,
+            "VOICEGATE_GRACE_SECONDS": "1",
+        }
+        self.process = serving.start_serve(self.log_path, env, timeout_s=120)
 
     @property
     def target(self) -> str:
@@ -348,7 +323,6 @@ async def test_two_replicas_share_a_postgres_store(
     settings = base_settings.replace(
         triton_url=triton.grpc_url,  # type: ignore[attr-defined]
         store_url=pg_url,
-        metrics_port=0,
     )
     halves = [speech.halves(path) for path in speech_files[100:104]]
     async with (

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import subprocess
 import sys
 import types
@@ -19,22 +18,16 @@ import numpy as np
 import pytest
 
 from export import repository, triton_config, validation
-from export.devdata import DEFAULT_DATA_DIR
 from server.errors import ExportError
+from tests.conftest import dev_data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 VALIDATION_UTTERANCES = 8
 TRIAL_RECORDINGS = 24
 
 
-def _dev_dir() -> Path | None:
-    configured = os.environ.get("VOICEGATE_DATA_DIR")
-    path = Path(configured) if configured else DEFAULT_DATA_DIR
-    return path if path.is_dir() and any(path.glob("*.flac")) else None
-
-
 NEEDS_DATA = pytest.mark.skipif(
-    _dev_dir() is None,
+    dev_data_dir() is None,
     reason="no development speech: set VOICEGATE_DATA_DIR to a folder of LibriSpeech FLAC files",
 )
 
@@ -55,7 +48,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
     report = run_export(
         "cpu",
         repo,
-        _dev_dir(),
+        dev_data_dir(),
         validation_utterances=VALIDATION_UTTERANCES,
         trial_recordings=TRIAL_RECORDINGS,
         throughput_rounds=1,
@@ -67,7 +60,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
 def dev_set() -> Any:
     from export.devdata import load_dev_set
 
-    path = _dev_dir()
+    path = dev_data_dir()
     if path is None:
         pytest.skip("no development speech: set VOICEGATE_DATA_DIR")
     return load_dev_set(path, VALIDATION_UTTERANCES)
@@ -341,12 +334,19 @@ def test_cosine_check_raises_on_naive_quantization(
     """All LSTMs quantized per-tensor (the first one too) is what the check must catch."""
     from onnxruntime.quantization import quantize_dynamic
 
+    from export.onnx_export import run, session
     from export.pipeline import _compare_to_fp32
 
     fp32 = exported[0] / "ge2e_fp32" / "1" / "model.onnx"
     quantize_dynamic(fp32, tmp_path / "naive.onnx", op_types_to_quantize=["LSTM"])
+    naive, reference = session(tmp_path / "naive.onnx"), session(fp32)
     with pytest.raises(ExportError, match=r"below 0\.999"):
-        _compare_to_fp32("naive int8", tmp_path / "naive.onnx", fp32, dev_set, [])
+        _compare_to_fp32(
+            "naive int8",
+            lambda m: run(naive, m),
+            lambda m: run(reference, m),
+            dev_set,
+        )
 
 
 def test_cosine_check_names_the_worst_utterance() -> None:
@@ -365,7 +365,7 @@ def test_missing_data_skips_the_speech_checks_with_a_warning(
 
     monkeypatch.delenv("VOICEGATE_DATA_DIR", raising=False)
     warnings: list[str] = []
-    assert _dev_set(tmp_path / "absent", 40, warnings) is None
+    assert _dev_set(None, tmp_path / "absent", 40, warnings) is None  # resolved: none there
     assert "SKIPPED" in warnings[0]
     assert "WARNING" in capsys.readouterr().err
 

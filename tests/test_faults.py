@@ -133,19 +133,17 @@ async def kill_and_recover(load: Load, kill: Any, within_s: float = 120.0) -> fl
     return recovered
 
 
-def clip(path: Path) -> Any:
-    samples, rate = speech.read(path)
-    return speech.content(samples[rate : rate + 4 * rate], rate)
-
-
 async def test_embedded_triton_killed_under_load(
     base_settings: Settings, tmp_path: Path, speech_files: list[Path], report: Any
 ) -> None:
     from server.app import VoicegateApp
 
     require_exported_models()
-    settings = base_settings.replace(state_dir=tmp_path, metrics_port=0, triton_url=None)
-    async with VoicegateApp(settings) as app, steady_load(app.port, clip(speech_files[0])) as load:
+    settings = base_settings.replace(state_dir=tmp_path, triton_url=None)
+    async with (
+        VoicegateApp(settings) as app,
+        steady_load(app.port, speech.clip(speech_files[0])) as load,
+    ):
         assert app.triton is not None
         url, pid = app.triton.grpc_url, app.triton.pid
         assert pid is not None
@@ -175,12 +173,10 @@ async def test_external_triton_killed_and_back_on_same_address(
     ) as triton:
         url, pid = triton.grpc_url, triton.pid
         assert pid is not None
-        settings = base_settings.replace(
-            state_dir=tmp_path / "front", metrics_port=0, triton_url=url
-        )
+        settings = base_settings.replace(state_dir=tmp_path / "front", triton_url=url)
         async with (
             VoicegateApp(settings) as app,
-            steady_load(app.port, clip(speech_files[1])) as load,
+            steady_load(app.port, speech.clip(speech_files[1])) as load,
         ):
             assert app.triton is None  # external: the front server starts none
             recovered = await kill_and_recover(load, lambda: os.kill(pid, signal.SIGKILL))

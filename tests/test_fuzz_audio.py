@@ -12,7 +12,6 @@ afterwards. The counts are printed and repeated in pytest's terminal summary.
 
 from __future__ import annotations
 
-import io
 import random
 import resource
 import struct
@@ -27,9 +26,6 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-import soundfile
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -42,6 +38,7 @@ from server.audio import (
     decode_raw,
 )
 from server.errors import InvalidArgument, InvalidAudio
+from tests import speech
 
 LIMITS = AudioLimits()  # the service's defaults
 ENCODED_CASES = 2000
@@ -71,9 +68,7 @@ def _clip(rate: int, channels: int, seconds: float = 0.75) -> np.ndarray:
 
 
 def _encode(fmt: str, subtype: str | None, rate: int, channels: int) -> bytes:
-    buffer = io.BytesIO()
-    soundfile.write(buffer, _clip(rate, channels), rate, format=fmt, subtype=subtype)
-    return buffer.getvalue()
+    return speech.wav_bytes(_clip(rate, channels), rate, fmt, subtype)
 
 
 @cache
@@ -445,22 +440,10 @@ def test_a_path_or_url_in_content_is_bytes_not_a_file(audit: Any, wav_on_disk: P
 # --- through the real server -----------------------------------------------------------------
 
 
-def bad_request(error: grpc.aio.AioRpcError) -> error_details_pb2.BadRequest:
-    """The BadRequest detail of a failed call (its google.rpc.Status must match the call)."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None, "no google.rpc.Status in the trailers"
-    (detail,) = status.details
-    found = error_details_pb2.BadRequest()
-    assert detail.Unpack(found)
-    return found
-
-
 def valid_request() -> Any:
-    from server.api.voicegate.v1 import audio_pb2, speaker_pb2
+    from server.api.voicegate.v1 import speaker_pb2
 
-    buffer = io.BytesIO()
-    soundfile.write(buffer, _clip(16_000, 1, seconds=2.0), 16_000, format="WAV")
-    return speaker_pb2.EmbedRequest(audio=audio_pb2.Audio(content=buffer.getvalue()))
+    return speaker_pb2.EmbedRequest(audio=speech.content(_clip(16_000, 1, seconds=2.0), 16_000))
 
 
 @pytest.mark.integration
@@ -519,7 +502,7 @@ async def test_fuzz_through_the_server(speaker_stub, report, audit: Any, wav_on_
         codes[code] = codes.get(code, 0) + 1
         if error is not None:
             assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, f"{label}: {error}"
-            (violation,) = bad_request(error).field_violations
+            violation = speech.bad_request(error)
             assert violation.field.startswith("audio"), (label, violation)
             assert violation.description, label
     elapsed = time.perf_counter() - start

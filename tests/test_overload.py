@@ -30,23 +30,6 @@ from tests import speech
 pytestmark = pytest.mark.integration
 
 
-def long_audio(files: list[Path], seconds: float) -> Any:
-    """One WAV of about `seconds` of speech, dev files joined end to end."""
-    parts, total, rate = [], 0.0, 16_000
-    for path in files:
-        samples, rate = speech.read(path)
-        parts.append(samples)
-        total += len(samples) / rate
-        if total >= seconds:
-            break
-    return speech.content(np.concatenate(parts)[: int(seconds * rate)], rate)
-
-
-def clip(path: Path, seconds: float = 4.0) -> Any:
-    samples, rate = speech.read(path)
-    return speech.content(samples[rate : rate + int(seconds * rate)], rate)
-
-
 class Server:
     """A VoicegateApp of the test's own on the session's Triton, with a channel and stub."""
 
@@ -83,7 +66,7 @@ async def start_server(settings: Settings) -> AsyncIterator[Server]:
 @pytest.fixture
 async def small(base_settings: Settings, triton: Any, tmp_path: Path) -> AsyncIterator[Server]:
     settings = base_settings.replace(
-        triton_url=triton.grpc_url, max_inflight_requests=4, metrics_port=0, state_dir=tmp_path
+        triton_url=triton.grpc_url, max_inflight_requests=4, state_dir=tmp_path
     )
     async with start_server(settings) as server:
         yield server
@@ -114,7 +97,7 @@ def test_admission_bounds() -> None:
 async def test_overload_refuses_at_once_and_recovers(
     small: Server, speech_files: list[Path], report: Any
 ) -> None:
-    request = speaker_pb2.EmbedRequest(audio=clip(speech_files[0]))
+    request = speaker_pb2.EmbedRequest(audio=speech.clip(speech_files[0]))
     await small.stub.Embed(request, timeout=30)  # warm
 
     async def call() -> tuple[grpc.StatusCode, float]:
@@ -156,7 +139,7 @@ async def test_overload_refuses_at_once_and_recovers(
 
 
 async def test_light_methods_are_not_refused(small: Server, speech_files: list[Path]) -> None:
-    request = speaker_pb2.EmbedRequest(audio=long_audio(speech_files, 30))
+    request = speaker_pb2.EmbedRequest(audio=speech.long_audio(speech_files, 30))
     calls = [small.stub.Embed(request, timeout=60) for _ in range(4)]
     try:
         await small.wait_in_flight(4)
@@ -177,12 +160,11 @@ async def test_light_methods_are_not_refused(small: Server, speech_files: list[P
 async def test_byte_bound(
     base_settings: Settings, triton: Any, tmp_path: Path, speech_files: list[Path]
 ) -> None:
-    request = speaker_pb2.EmbedRequest(audio=long_audio(speech_files, 20))
+    request = speaker_pb2.EmbedRequest(audio=speech.long_audio(speech_files, 20))
     size = request.ByteSize()
     settings = base_settings.replace(
-        triton_url=triton.grpc_url, max_inflight_bytes=size + 1000, metrics_port=0,
-        state_dir=tmp_path,
-    )  # fmt: skip
+        triton_url=triton.grpc_url, max_inflight_bytes=size + 1000, state_dir=tmp_path
+    )
     async with start_server(settings) as server:
         first = server.stub.Embed(request, timeout=60)
         await server.wait_in_flight(1)
@@ -195,7 +177,7 @@ async def test_byte_bound(
 
 
 async def test_deadline_and_cancel_free_the_slot(small: Server, speech_files: list[Path]) -> None:
-    request = speaker_pb2.EmbedRequest(audio=long_audio(speech_files, 60))
+    request = speaker_pb2.EmbedRequest(audio=speech.long_audio(speech_files, 60))
     began = time.perf_counter()
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await small.stub.Embed(request, timeout=0.2)

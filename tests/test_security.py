@@ -149,7 +149,6 @@ def tokens_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _server_settings(base_settings: Settings, triton: object, **changes: object) -> Settings:
     return base_settings.replace(
         triton_url=triton.grpc_url,  # type: ignore[attr-defined]
-        metrics_port=0,
         **changes,
     )
 

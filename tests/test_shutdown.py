@@ -1,30 +1,27 @@
 """SIGTERM under load, with `voicegate serve` as a real process and its embedded Triton.
 
-Order checked: health watchers get NOT_SERVING and their streams end; new calls are refused
-(UNAVAILABLE); every call accepted before the signal gets its answer; the process exits 0
-within the grace period plus Triton's stop; no tritonserver is left behind.
+Once it is ready, its tritonserver runs and SpeakerService's health is SERVING. Order checked:
+health watchers get NOT_SERVING and their streams end; new calls are refused (UNAVAILABLE);
+every call accepted before the signal gets its answer; the process exits 0 within the grace
+period plus Triton's stop; no tritonserver is left behind.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.api.voicegate.v1 import speaker_pb2, speaker_pb2_grpc
 from server.triton_process import free_ports
-from tests import speech
+from tests import serving, speech, tritonkit
 from tests.conftest import ROOT, require_exported_models
-from tests.test_lifecycle import tritonservers_under
 
 pytestmark = pytest.mark.integration
 
@@ -42,56 +39,35 @@ def admitted(metrics_port: int) -> float:
     return -1.0
 
 
-def start_serve(port: int, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    with log_path.open("w") as log:
-        return subprocess.Popen(
-            [
-                str(ROOT / ".venv" / "bin" / "voicegate"),
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--grace-seconds",
-                str(GRACE_S),
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-
-
 async def test_sigterm_drains_accepted_calls(
     tmp_path: Path, speech_files: list[Path], report: object
 ) -> None:
     require_exported_models()
     port, metrics_port = free_ports(2)
-    env = dict(
-        os.environ,
-        VOICEGATE_STATE_DIR=str(tmp_path),
-        VOICEGATE_METRICS_PORT=str(metrics_port),
-        VOICEGATE_HEALTH_POLL_S="0.2",
+    env = {
+        "VOICEGATE_STATE_DIR": str(tmp_path),
+        "VOICEGATE_METRICS_PORT": str(metrics_port),
+        "VOICEGATE_HEALTH_POLL_S": "0.2",
         # Room for every call: this is about the drain, not about admission.
-        VOICEGATE_MAX_INFLIGHT_REQUESTS=str(4 * CALLS),
-    )
+        "VOICEGATE_MAX_INFLIGHT_REQUESTS": str(4 * CALLS),
+    }
+    args = ["--host", "127.0.0.1", "--port", str(port), "--grace-seconds", str(GRACE_S)]
     log_path = tmp_path / "serve.log"
-    process = start_serve(port, env, log_path)
+    program = [str(ROOT / ".venv" / "bin" / "voicegate")]
+    process = await asyncio.to_thread(serving.start_serve, log_path, env, args, program)
     try:
-        deadline = time.monotonic() + 240
-        while "voicegate ready" not in log_path.read_text():
-            assert process.poll() is None, log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, "no ready line within 240 s"
-            await asyncio.sleep(0.3)
+        # The embedded tritonserver runs, with its backends under the state dir.
+        tritonservers = tritonkit.processes_mentioning(f"--backend-directory={tmp_path}")
+        assert tritonservers, "the embedded tritonserver is not running"
 
         # Long utterances (~30 s each): the calls are still running when the signal comes.
-        parts = [speech.read(path) for path in speech_files[:4]]
-        rate = parts[0][1]
-        samples = np.concatenate([p[0] for p in parts])[: 30 * rate]
-        request = speaker_pb2.EmbedRequest(audio=speech.content(samples, rate))
+        request = speaker_pb2.EmbedRequest(audio=speech.long_audio(speech_files, 30))
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = speaker_pb2_grpc.SpeakerServiceStub(channel)
             health = health_pb2_grpc.HealthStub(channel)
+            service = health_pb2.HealthCheckRequest(service="voicegate.v1.SpeakerService")
+            checked = await health.Check(service, timeout=10)
+            assert checked.status == health_pb2.HealthCheckResponse.SERVING
             await stub.Embed(request, timeout=60)  # warm
             watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=120)
             first = await watch.read()
@@ -132,8 +108,8 @@ async def test_sigterm_drains_accepted_calls(
         text = log_path.read_text()
         assert code == 0, text[-3000:]
         assert "draining" in text and "voicegate stopped" in text
-        await asyncio.sleep(0.5)
-        assert tritonservers_under(tmp_path) == []
+        # No tritonserver (nor Python-backend stub) is left behind.
+        assert await tritonkit.gone(str(tmp_path), pids=tritonservers)
     finally:
         if process.poll() is None:
             process.kill()

@@ -17,6 +17,7 @@ import pytest_asyncio
 
 from server.api.voicegate.v1 import audio_pb2, speaker_pb2, speaker_pb2_grpc
 from server.config import Settings
+from tests import speech
 
 pytestmark = pytest.mark.integration
 
@@ -30,10 +31,6 @@ def _samples(path: Path) -> np.ndarray:
     wav, rate = soundfile.read(path, dtype="float32", always_2d=False)
     assert rate == 16_000 and wav.ndim == 1
     return wav
-
-
-def _linear16(wav: np.ndarray) -> bytes:
-    return np.clip(np.round(wav * 32767), -32768, 32767).astype("<i2").tobytes()
 
 
 def _random_chunks(data: bytes, rng: np.random.Generator, largest: int) -> list[bytes]:
@@ -114,7 +111,7 @@ async def test_streaming_embed_equals_embed(
     rng = np.random.default_rng(7)
     worst = 0.0
     for path in speech_files[:4]:
-        data = _linear16(_samples(path))
+        data = speech.pcm16(_samples(path), rounded=True)
         audio = audio_pb2.RawAudio(
             samples=data, format=audio_pb2.SAMPLE_FORMAT_LINEAR16, sample_rate_hz=16_000
         )
@@ -160,7 +157,7 @@ async def test_streaming_memory_is_bounded_by_speech(
     for path in speech_files[10:16]:
         pieces += [_samples(path)[: 16_000 * 8], np.zeros(16_000 * 3, np.float32)]
     wav = np.concatenate(pieces)
-    data = _linear16(wav)
+    data = speech.pcm16(wav, rounded=True)
     config = speaker_pb2.StreamingEmbedConfig(
         format=audio_pb2.SAMPLE_FORMAT_LINEAR16, sample_rate_hz=16_000
     )
@@ -264,7 +261,7 @@ async def test_client_gone_mid_stream_leaves_nothing_behind(
     memory is released, and no more VAD or encoder requests go to Triton."""
     from server.streaming_embed import live_sessions
 
-    data = _linear16(_samples(speech_files[2]))
+    data = speech.pcm16(_samples(speech_files[2]), rounded=True)
     config = speaker_pb2.StreamingEmbedConfig(
         format=audio_pb2.SAMPLE_FORMAT_LINEAR16, sample_rate_hz=16_000
     )

@@ -25,7 +25,7 @@ from tritonclient.utils import InferenceServerException
 from server.config import Settings
 from server.errors import BackendUnavailable, DeadlineExceeded
 from server.triton_client import TritonEncoder, map_triton_error
-from server.triton_process import EmbeddedTriton
+from server.triton_process import EmbeddedTriton, free_ports
 from tests import tritonkit
 
 pytestmark = [
@@ -110,8 +110,7 @@ async def test_embed_rejects_bad_shape(encoder: TritonEncoder) -> None:
 
 async def test_chunks_only_above_max_batch_size(encoder: TritonEncoder) -> None:
     async def request_count() -> int:
-        stats = await encoder._client.get_inference_statistics("enc")
-        return int(stats.model_stats[0].inference_stats.success.count)
+        return (await tritonkit.model_counts(encoder.url, "enc")).requests
 
     before = await request_count()
     partials = mels(8, seed=1)
@@ -284,7 +283,7 @@ async def test_port_clash_seen_by_triton_is_retried(tmp_path: Path) -> None:
 
 
 async def test_closed_port_is_unavailable() -> None:
-    async with TritonEncoder(f"127.0.0.1:{tritonkit.free_port()}", timeout_s=5.0) as client:
+    async with TritonEncoder(f"127.0.0.1:{free_ports(1)[0]}", timeout_s=5.0) as client:
         assert not await client.is_ready(["enc"])
         with pytest.raises(BackendUnavailable) as info:
             await client.embed_partials(mels(1), "enc")

@@ -48,24 +48,9 @@ def silero() -> Callable[..., list[tuple[float, float]]]:
     return timestamps
 
 
-def pcm16(samples: np.ndarray) -> bytes:
-    return (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
-
-
 def from_pcm16(data: bytes) -> np.ndarray:
-    """The float samples the server decodes from `pcm16` bytes (scale 1/32768)."""
+    """The float samples the server decodes from `speech.pcm16` bytes (scale 1/32768)."""
     return np.frombuffer(data, "<i2").astype(np.float32) / np.float32(2**15)
-
-
-def raw_audio(data: bytes, rate: int = SAMPLE_RATE, channels: int = 1) -> audio_pb2.Audio:
-    return audio_pb2.Audio(
-        raw=audio_pb2.RawAudio(
-            samples=data,
-            format=audio_pb2.SAMPLE_FORMAT_LINEAR16,
-            sample_rate_hz=rate,
-            channels=channels,
-        )
-    )
 
 
 def segments_of(reply: Any) -> list[tuple[float, float]]:
@@ -179,10 +164,10 @@ async def test_options_are_silero_options(
         max_speech_duration_seconds=3.0,
     )
     reply = await vad_stub.DetectSpeech(
-        vad_pb2.DetectSpeechRequest(audio=raw_audio(pcm16(samples)), options=options)
+        vad_pb2.DetectSpeechRequest(audio=speech.raw_audio(speech.pcm16(samples)), options=options)
     )
     expected = silero(
-        from_pcm16(pcm16(samples)),
+        from_pcm16(speech.pcm16(samples)),
         threshold=0.6,
         min_speech_duration_ms=100,
         min_silence_duration_ms=50,
@@ -195,7 +180,7 @@ async def test_options_are_silero_options(
 
 async def test_silence_has_no_speech(vad_stub: Any) -> None:
     reply = await vad_stub.DetectSpeech(
-        vad_pb2.DetectSpeechRequest(audio=raw_audio(bytes(2 * 3 * SAMPLE_RATE)))
+        vad_pb2.DetectSpeechRequest(audio=speech.raw_audio(bytes(2 * 3 * SAMPLE_RATE)))
     )
     assert list(reply.segments) == []
     assert reply.speech_seconds == 0
@@ -204,8 +189,8 @@ async def test_silence_has_no_speech(vad_stub: Any) -> None:
 
 async def test_white_noise_as_silero_says(vad_stub: Any, silero: Callable[..., Any]) -> None:
     noise = (0.1 * np.random.default_rng(5).standard_normal(4 * SAMPLE_RATE)).astype(np.float32)
-    data = pcm16(noise)
-    reply = await vad_stub.DetectSpeech(vad_pb2.DetectSpeechRequest(audio=raw_audio(data)))
+    data = speech.pcm16(noise)
+    reply = await vad_stub.DetectSpeech(vad_pb2.DetectSpeechRequest(audio=speech.raw_audio(data)))
     expected = silero(from_pcm16(data))
     assert len(expected) <= 1  # silero itself finds (almost) no speech in white noise
     got = segments_of(reply)
@@ -236,8 +221,8 @@ async def test_streaming_matches_unary_with_odd_chunks(
     vad_stub: Any, speech_files: list[Path], report: Any
 ) -> None:
     samples, _ = speech.read(speech_files[3])
-    data = pcm16(samples)
-    unary = await vad_stub.DetectSpeech(vad_pb2.DetectSpeechRequest(audio=raw_audio(data)))
+    data = speech.pcm16(samples)
+    unary = await vad_stub.DetectSpeech(vad_pb2.DetectSpeechRequest(audio=speech.raw_audio(data)))
     started = time.perf_counter()
     events, summary = await stream_call(vad_stub, [config_message(), *chunked(data, 1000)])
     elapsed = time.perf_counter() - started
@@ -254,8 +239,8 @@ async def test_streaming_matches_unary_with_odd_chunks(
 
 async def test_streaming_splits_samples_anywhere(vad_stub: Any, speech_files: list[Path]) -> None:
     samples, _ = speech.read(speech_files[4])
-    data = pcm16(samples[: 3 * SAMPLE_RATE])
-    unary = await vad_stub.DetectSpeech(vad_pb2.DetectSpeechRequest(audio=raw_audio(data)))
+    data = speech.pcm16(samples[: 3 * SAMPLE_RATE])
+    unary = await vad_stub.DetectSpeech(vad_pb2.DetectSpeechRequest(audio=speech.raw_audio(data)))
     events, summary = await stream_call(vad_stub, [config_message(), *chunked(data, 7)])
     assert segments_of(summary) == segments_of(unary)
     check_events(events, segments_of(summary))
@@ -327,7 +312,7 @@ async def test_streaming_bad_input(vad_stub: Any, requests: list[Any], field: st
 async def test_unary_bad_input(vad_stub: Any) -> None:
     await expect_invalid(vad_stub.DetectSpeech(vad_pb2.DetectSpeechRequest()), "audio")
     options = vad_pb2.VadOptions(threshold=0.5, neg_threshold=0.7)
-    request = vad_pb2.DetectSpeechRequest(audio=raw_audio(bytes(3200)), options=options)
+    request = vad_pb2.DetectSpeechRequest(audio=speech.raw_audio(bytes(3200)), options=options)
     await expect_invalid(vad_stub.DetectSpeech(request), "options.neg_threshold")
     request = vad_pb2.DetectSpeechRequest(audio=audio_pb2.Audio(content=b"not audio"))
     await expect_invalid(vad_stub.DetectSpeech(request), "audio.content")
@@ -363,7 +348,7 @@ async def test_cancelled_stream_leaves_nothing_running(
     app: Any, vad_stub: Any, speech_files: list[Path]
 ) -> None:
     samples, _ = speech.read(speech_files[0])
-    data = pcm16(samples)
+    data = speech.pcm16(samples)
     sent = asyncio.Event()
 
     async def source() -> AsyncIterator[vad_pb2.StreamingDetectSpeechRequest]:

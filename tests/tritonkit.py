@@ -8,10 +8,9 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
-
-from server.triton_process import free_ports
 
 # The stand-in encoder, written into each model.py and exec'd here as the reference, so the
 # expected values come from the very same code Triton runs. Each row depends only on its own
@@ -97,13 +96,34 @@ def write_model(
     return folder
 
 
+class ModelCounts(NamedTuple):
+    """Triton's cumulative counters of one model."""
+
+    requests: int  # inference requests that succeeded
+    inferences: int  # batch items inferred (the requests' rows)
+    executions: int  # model runs (one per batch)
+
+
+async def model_counts(url: str, model: str) -> ModelCounts:
+    """`model`'s counters in the Triton at gRPC `url`, from its statistics extension."""
+    import tritonclient.grpc.aio as triton_grpc
+
+    client = triton_grpc.InferenceServerClient(url)
+    try:
+        stats = await client.get_inference_statistics(model_name=model)
+    finally:
+        await client.close()
+    (found,) = stats.model_stats
+    return ModelCounts(
+        requests=int(found.inference_stats.success.count),
+        inferences=int(found.inference_count),
+        executions=int(found.execution_count),
+    )
+
+
 def triton_available() -> bool:
     """The nvidia-pytriton wheel is installed (checked without importing it)."""
     return importlib.util.find_spec("pytriton") is not None
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
 
 
 def _state(pid: int) -> str | None:
