@@ -73,10 +73,16 @@ async def embeddings_of(
 
 
 def paired_difference(
-    by_trim: dict[str, dict[str, np.ndarray]], side: str, bootstrap: int, seed: int
+    by_trim: dict[str, dict[str, np.ndarray]],
+    side: str,
+    bootstrap: int,
+    seed: int,
+    new: str = "vad",
+    old: str = "energy",
 ) -> dict[str, Any]:
-    """EER(vad) - EER(energy) on `side`, and its 95 % interval from resampling the recordings
-    (the same rows for both trims in each draw)."""
+    """EER(new) - EER(old) on `side` (embeddings "a" and `side` per recording, in the same
+    order for both), and its 95 % interval from resampling the recordings (the same rows for
+    both in each draw)."""
     from server.calibration import equal_error_rate
 
     def eer(trim: str, rows: np.ndarray) -> float:
@@ -85,17 +91,17 @@ def paired_difference(
         labels = rows[:, None] == rows[None, :]
         return float(equal_error_rate(scores.ravel(), labels.ravel())[0])
 
-    n = len(by_trim["energy"]["a"])
+    n = len(by_trim[old]["a"])
     everything = np.arange(n)
     out: dict[str, Any] = {
-        "delta_points": round(100 * (eer("vad", everything) - eer("energy", everything)), 2)
+        "delta_points": round(100 * (eer(new, everything) - eer(old, everything)), 2)
     }
     if bootstrap:
         rng = np.random.default_rng([seed, 3])
         draws = []
         for _ in range(bootstrap):
             rows = rng.integers(0, n, n)
-            draws.append(eer("vad", rows) - eer("energy", rows))
+            draws.append(eer(new, rows) - eer(old, rows))
         low, high = np.percentile(draws, [2.5, 97.5])
         out["ci95_points"] = [round(100 * float(low), 2), round(100 * float(high), 2)]
     return out

@@ -45,6 +45,7 @@ from server.vad_model import (
     STATE_INPUT,
     STATE_OUTPUT,
     frames_of,
+    windowed_probabilities,
 )
 
 if TYPE_CHECKING:
@@ -190,21 +191,6 @@ def per_chunk_probabilities(sess: onnxruntime.InferenceSession, samples: np.ndar
         out, state = sess.run(None, {"input": frame[None], "state": state, "sr": sr})
         probs.append(float(out[0, 0]))
     return np.array(probs, np.float32)
-
-
-def windowed_probabilities(
-    sess: onnxruntime.InferenceSession, samples: np.ndarray, window: int
-) -> np.ndarray:
-    """The window model over one stream, `window` frames per run, state carried (batch 1)."""
-    frames = frames_of(samples)
-    state = np.zeros((1, 2, HIDDEN), np.float32)
-    probs = []
-    for start in range(0, len(frames), window):
-        out, state = sess.run(
-            None, {FRAMES_INPUT: frames[None, start : start + window], STATE_INPUT: state}
-        )
-        probs.append(out[0])
-    return np.concatenate(probs) if probs else np.zeros(0, np.float32)
 
 
 def batch_dependence(

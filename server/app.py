@@ -159,7 +159,15 @@ class VoicegateApp:
                 models=list(settings.triton_models),
                 extra_args=tracing.triton_trace_args(settings.triton_trace_rate),
             )
-        calibration = Calibration.load(settings.calibration_file)
+        calibration = Calibration.load(settings.calibration_file, settings.trim)
+        if calibration.trim != settings.trim:
+            log.warning(
+                "the calibration file was fitted with trim=%s but the server trims with %s: "
+                "Verify's threshold may not hold (refit with `voicegate calibrate --trim %s`)",
+                calibration.trim,
+                settings.trim,
+                settings.trim,
+            )
         self._encoder = TritonEncoder(
             self.triton_url,  # the embedded Triton's ports are chosen when it is made
             timeout_s=settings.triton_timeout_s,

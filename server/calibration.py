@@ -33,9 +33,10 @@ import numpy as np
 
 from server.audio import SAMPLE_RATE, load_file
 from server.errors import NotEnoughSpeech, VoicegateError
-from server.features import Utterance, average_embedding, prepare_utterance
-from server.fusion import Calibration
+from server.features import Utterance, average_embedding
+from server.fusion import TRIMS, Calibration
 from server.mfcc import Normalization, mfcc_statistics, standardised_units
+from server.vad_model import OnnxVad
 
 DEGRADATIONS = ("noise", "bandpass", "codec", "gain")
 DEFAULT_FOLDS = 5
@@ -272,8 +273,11 @@ class OnnxEncoder:
 
     def embed(self, utterance: Utterance) -> np.ndarray:
         """The utterance embedding (its partials in one batch, averaged, L2-normalised)."""
-        (partials,) = self._session.run(["embedding"], {"mels": utterance.partials})
-        return average_embedding(np.asarray(partials))
+        return self.embed_partials(utterance.partials)
+
+    def embed_partials(self, partials: np.ndarray) -> np.ndarray:
+        (embeddings,) = self._session.run(["embedding"], {"mels": partials})
+        return average_embedding(np.asarray(embeddings))
 
 
 @dataclass(frozen=True)
@@ -333,10 +337,18 @@ def split_halves(wav: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return wav[:cut], wav[cut:]
 
 
-def prepare_half(wav: np.ndarray) -> Utterance:
-    """One half of a split recording as the service prepares audio; NotEnoughSpeech under
+def prepare_half(wav: np.ndarray, vad: OnnxVad | None = None) -> Utterance:
+    """One half of a split recording as the service prepares audio (`core.prepare_wave`):
+    trim "energy", or with `vad` trim "vad" (the exported VAD run in process, in the windows
+    the service sends to Triton, silero's default segment rules); NotEnoughSpeech under
     MIN_HALF_SECONDS of speech."""
-    return prepare_utterance(wav, min_speech_seconds=MIN_HALF_SECONDS)
+    from server.core import prepare_wave
+    from server.vad import VadParams, pad_to_frames
+
+    trim = None
+    if vad is not None:
+        trim = (vad.probabilities(pad_to_frames(wav)), VadParams(), vad.window_frames)
+    return prepare_wave(wav, MIN_HALF_SECONDS, with_mfcc=True, vad=trim).utterance
 
 
 def prepare_recordings(
@@ -346,6 +358,7 @@ def prepare_recordings(
     degrade_fraction: float = 1.0,
     clean_reference: bool = True,
     progress: Callable[[str], None] | None = None,
+    vad: OnnxVad | None = None,
 ) -> tuple[list[Recording], list[str]]:
     """Split, degrade B, trim, embed and take MFCC statistics; returns (recordings, skipped).
 
@@ -362,9 +375,9 @@ def prepare_recordings(
         else:
             kind, detail, degraded = "none", "none", second
         try:
-            a = prepare_half(first)
-            b = prepare_half(degraded)
-            b_clean = prepare_half(second) if clean_reference else None
+            a = prepare_half(first, vad)
+            b = prepare_half(degraded, vad)
+            b_clean = prepare_half(second, vad) if clean_reference else None
         except NotEnoughSpeech as exc:
             skipped.append(f"{path.name}: {exc.message}")
             continue
@@ -520,10 +533,13 @@ def calibrate(
     clean_reference: bool = True,
     limit: int | None = None,
     progress: Callable[[str], None] | None = None,
+    trim: str = "energy",
+    vad_model_path: Path | None = None,
 ) -> Calibration:
     """Fit the fusion and its threshold on the dev recordings (see the module docstring).
 
-    `limit` keeps the first N speakers (tests); `progress` receives one-line status messages.
+    `trim`: the silence trim the service will run ("vad" needs `vad_model_path`, the exported
+    VAD); `limit` keeps the first N speakers (tests); `progress` receives status messages.
     """
     from threadpoolctl import threadpool_limits
 
@@ -533,13 +549,16 @@ def calibrate(
         raise CalibrationError(f"degrade_fraction must be within 0..1, got {degrade_fraction}")
     if impostors < 1:
         raise CalibrationError(f"impostors must be >= 1, got {impostors}")
+    if trim not in TRIMS:
+        raise CalibrationError(f"trim must be one of {list(TRIMS)}, got {trim!r}")
     started = time.monotonic()
     rng = np.random.default_rng(seed)
     files = dev_files(Path(data_dir))[:limit]
     with threadpool_limits(limits=1):
         encoder = OnnxEncoder(Path(model_path))
+        vad = _onnx_vad(vad_model_path) if trim == "vad" else None
         recordings, skipped = prepare_recordings(
-            files, encoder, rng, degrade_fraction, clean_reference, progress
+            files, encoder, rng, degrade_fraction, clean_reference, progress, vad
         )
         if len(recordings) < 2 * folds:
             raise CalibrationError(
@@ -570,6 +589,7 @@ def calibrate(
     trial_kind = kinds[trials.test]
     figures: dict[str, Any] = {
         "seed": seed,
+        "trim": trim,
         "model": _model_label(Path(model_path)),
         "model_sha256": _sha256(Path(model_path)),
         "recordings": len(recordings),
@@ -620,9 +640,11 @@ def calibrate(
         method=METHOD.format(folds=folds, rule=rule),
         trained_on=(
             f"{Path(data_dir).name}: {len(recordings)} recordings, one per speaker, split in "
-            f"halves with the second half degraded (seed {seed}); encoder {figures['model']}"
+            f"halves with the second half degraded (seed {seed}); encoder {figures['model']}; "
+            f"trim {trim}"
         ),
         figures=figures,
+        trim=trim,
     )
 
 
@@ -687,6 +709,12 @@ def _pct(rate: float) -> float:
     return round(100.0 * rate, 2)
 
 
+def _onnx_vad(path: Path | None) -> OnnxVad:
+    if path is None or not Path(path).is_file():
+        raise CalibrationError(f'trim "vad" needs the exported VAD model; {path} does not exist')
+    return OnnxVad(Path(path))
+
+
 def _model_label(path: Path) -> str:
     """`ge2e_int8/1/model.onnx` for a model repository layout, else the file name."""
     if path.parent.name.isdigit():
@@ -704,11 +732,18 @@ def _sha256(path: Path) -> str:
 
 
 def main(
-    data_dir: Path, model_path: Path, output: Path, seed: int = 0, target_far: float | None = None
+    data_dir: Path,
+    model_path: Path,
+    output: Path,
+    seed: int = 0,
+    target_far: float | None = None,
+    trim: str = "energy",
+    vad_model_path: Path | None = None,
 ) -> int:
     """`voicegate calibrate`: calibrate, write `output`, print the figures; exit status.
 
-    `target_far`: the threshold meets this false-accept rate (None: the equal-error point).
+    `target_far`: the threshold meets this false-accept rate (None: the equal-error point);
+    `trim`, `vad_model_path`: as `calibrate`.
     """
     import json
     import sys
@@ -718,7 +753,13 @@ def main(
 
     try:
         calibration = calibrate(
-            Path(data_dir), Path(model_path), seed=seed, target_far=target_far, progress=progress
+            Path(data_dir),
+            Path(model_path),
+            seed=seed,
+            target_far=target_far,
+            progress=progress,
+            trim=trim,
+            vad_model_path=vad_model_path,
         )
         calibration.save(Path(output))
     except VoicegateError as exc:

@@ -93,7 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument(
         "--model", type=Path, default=Path("model_repository/ge2e_int8/1/model.onnx")
     )
-    calibrate.add_argument("--output", type=Path, default=Path("server/calibration.json"))
+    calibrate.add_argument(
+        "--trim",
+        choices=["vad", "energy"],
+        help="silence trim to fit for (default: the server's, env VOICEGATE_TRIM)",
+    )
+    calibrate.add_argument(
+        "--vad-model", type=Path, default=Path("model_repository/silero_vad/1/model.onnx")
+    )
+    calibrate.add_argument(
+        "--output",
+        type=Path,
+        help="calibration JSON to write (default: the packaged file of the trim, "
+        "server/calibration.json or server/calibration-energy.json)",
+    )
     calibrate.add_argument("--seed", type=int, default=0)
     calibrate.add_argument(
         "--target-far",
@@ -220,12 +233,22 @@ def _calibrate(args: argparse.Namespace) -> int:
     from server.calibration import main as calibrate_main
     from server.config import Settings
     from server.errors import ConfigError
+    from server.fusion import PACKAGED_FILES
 
-    settings = Settings.load({"data_dir": args.data_dir})
+    settings = Settings.load({"data_dir": args.data_dir, "trim": args.trim})
     if settings.data_dir is None:
         raise ConfigError("calibrate needs dev speech: pass --data-dir or set VOICEGATE_DATA_DIR")
     target_far = args.target_far or None  # 0: the equal-error point
-    return calibrate_main(settings.data_dir, args.model, args.output, args.seed, target_far)
+    output = args.output or Path("server") / PACKAGED_FILES[settings.trim]
+    return calibrate_main(
+        settings.data_dir,
+        args.model,
+        output,
+        args.seed,
+        target_far,
+        settings.trim,
+        args.vad_model,
+    )
 
 
 def _embed(args: argparse.Namespace) -> int:

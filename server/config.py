@@ -75,9 +75,11 @@ class Settings:
     min_sample_rate_hz: int = 8_000
     max_sample_rate_hz: int = 192_000
     max_channels: int = 8
-    # Silence trimming of Embed, Verify and the speaker RPCs: "energy" (40 dB below the
-    # recording's loudest 30 ms) or "vad" (Silero VAD speech segments, through Triton)
-    trim: str = "energy"
+    # Silence trimming of Embed, Verify and the speaker RPCs: "vad" (Silero VAD speech
+    # segments, through Triton) or "energy" (40 dB below the recording's loudest 30 ms). "vad"
+    # by dev-set EER (benchmarks/trim.py): a tie on clean audio, better on degraded; "energy"
+    # costs about half the CPU, and its StreamingEmbed keeps the audio (streaming_embed.py).
+    trim: str = "vad"
     # Longest audio one stream (StreamingEmbed, StreamingDetectSpeech) may send; the call fails
     # at once when it is passed. Bounds the memory a stream holds (server/streaming_embed.py)
     max_stream_seconds: float = 1800.0

@@ -15,15 +15,17 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
-from server.audio import SAMPLE_RATE, AudioInput, decode_audio, normalize_volume
+from server.audio import SAMPLE_RATE, AudioInput, decode_audio
 from server.config import Settings
 from server.deadlines import deadline_after, run_in_pool, time_left
 from server.errors import InvalidArgument
 from server.features import (
+    EmbeddingMean,
     Utterance,
-    average_embedding,
     partial_windows,
+    recording_gain,
     require_speech,
+    scaled,
     segments_speech,
     trim_silence,
 )
@@ -44,6 +46,11 @@ from server.vad_core import SpeechProbabilities, StreamSpec
 __all__ = ["AudioInput", "EmbedResult", "Encoder", "SpeakerCore", "VerifyResult"]
 
 T = TypeVar("T")
+
+# StreamingEmbed sends its partial windows to the encoder in groups of this many as they are
+# cut (about 3 s of speech): a Triton request costs ~1 ms of CPU, a window ~2 ms, so groups
+# keep the requests' share small while the stream holds at most this many windows (100 KB).
+STREAM_ENCODE_PARTIALS = 4
 
 
 class Encoder(Protocol):
@@ -77,8 +84,8 @@ class VerifyResult:
 @dataclass(frozen=True)
 class _Prepared:
     """An utterance ready for the encoder: its partial windows, the seconds of speech, and with
-    `with_mfcc` its MFCC statistics. `speech`: the trimmed, normalised waveform, kept where it
-    was built anyway (trim "energy", or for the MFCC); trim "vad" without MFCC never builds it.
+    `with_mfcc` its MFCC statistics and `speech`, the trimmed waveform raised to -30 dBFS as a
+    whole (what the MFCC is taken from).
     """
 
     partials: np.ndarray
@@ -225,6 +232,7 @@ class SpeakerCore:
         self.active_streams += 1
         if metrics is not None:
             metrics.streaming_sessions.inc()
+        mean = EmbeddingMean()  # trim "vad": the embeddings of the windows encoded so far
         try:
             async for chunk in chunks:
                 time_left(deadline)
@@ -233,25 +241,24 @@ class SpeakerCore:
                 await self._run(partial(session.feed, chunk), deadline)
                 if vad is not None:
                     await self._stream_vad(session, vad, False, deadline)
+                    if session.ready_partials() >= STREAM_ENCODE_PARTIALS:
+                        await self._encode_into(mean, session.take_partials(), model, deadline)
                 account()
             await self._run(session.end, deadline)
             self._telemetry.count_audio("decoded", session.decoded_seconds)
-            min_speech = self._limits.min_speech_seconds
             if vad is None:
-                telemetry = self._telemetry
-                prepared = await self._run(
-                    lambda: _prepare_wave(session.audio(), min_speech, False, telemetry), deadline
-                )
-                partials, speech_seconds = prepared.partials, prepared.speech_seconds
+                result = await self._embed_kept_audio(session, model, deadline)
             else:
                 await self._stream_vad(session, vad, True, deadline)
+                min_speech = self._limits.min_speech_seconds
                 speech_seconds = require_speech(session.speech_samples, min_speech)
                 self._telemetry.count_audio("speech", speech_seconds)
                 with self._telemetry.stage("features") as span:
-                    partials = await self._run(session.partials, deadline)
-                    span.set_attribute(ATTR_PARTIAL_COUNT, len(partials))
-            account()
-            result = await self._encode(partials, speech_seconds, model, deadline)
+                    rest = await self._run(session.final_partials, deadline)
+                    span.set_attribute(ATTR_PARTIAL_COUNT, mean.count + len(rest))
+                account()
+                await self._encode_into(mean, rest, model, deadline)
+                result = EmbedResult(mean.result(), model, speech_seconds, mean.count)
         finally:
             self.active_streams -= 1
             if metrics is not None:
@@ -259,6 +266,23 @@ class SpeakerCore:
                 metrics.streaming_bytes.dec(held)
         self._annotate(model, result.speech_seconds, result.partial_count)
         return result
+
+    async def _embed_kept_audio(
+        self, session: StreamingEmbedSession, model: str, deadline: float | None
+    ) -> EmbedResult:
+        """Trim "energy": Embed's own preparation of the decoded audio the stream kept."""
+        min_speech, telemetry = self._limits.min_speech_seconds, self._telemetry
+        prepared = await self._run(
+            lambda: prepare_wave(session.audio(), min_speech, False, telemetry), deadline
+        )
+        return await self._encode(prepared.partials, prepared.speech_seconds, model, deadline)
+
+    async def _encode_into(
+        self, mean: EmbeddingMean, partials: list[np.ndarray], model: str, deadline: float | None
+    ) -> None:
+        """Encode a stream's cut windows (one Triton request) and add them to `mean`."""
+        if partials:
+            mean.add(await self._embed_partials(np.stack(partials), model, deadline))
 
     async def _stream_vad(
         self,
@@ -285,7 +309,7 @@ class SpeakerCore:
         rng = np.random.default_rng(0)
         noise = (0.1 * rng.standard_normal(32_000)).astype(np.float32)
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, _prepare_wave, noise, 0.1, True)
+        await loop.run_in_executor(self._executor, prepare_wave, noise, 0.1, True)
 
     def _check_model(self, model: str | None) -> str:
         if not model:
@@ -319,7 +343,7 @@ class SpeakerCore:
 
         if self._vad is None:  # trim "energy": decode and prepare in one trip to the pool
             return await self._run(
-                lambda: _prepare_wave(decode(), min_speech, with_mfcc, telemetry, field), deadline
+                lambda: prepare_wave(decode(), min_speech, with_mfcc, telemetry, field), deadline
             )
         wav, padded = await self._run(lambda: _with_padded(decode()), deadline)
         with telemetry.stage("vad", {ATTR_AUDIO_FIELD: field}):
@@ -327,23 +351,29 @@ class SpeakerCore:
         del padded
         vad = (probabilities, self._vad_params, self._vad_window_frames)
         return await self._run(
-            lambda: _prepare_wave(wav, min_speech, with_mfcc, telemetry, field, vad), deadline
+            lambda: prepare_wave(wav, min_speech, with_mfcc, telemetry, field, vad), deadline
         )
 
     async def _encode(
         self, partials: np.ndarray, speech_seconds: float, model: str, deadline: float | None
     ) -> EmbedResult:
         """The encoder's embedding of an utterance's partial windows (one Triton request)."""
-        with self._telemetry.timed("triton"):
-            embeddings = await self._encoder.embed_partials(
-                partials, model, timeout_s=time_left(deadline)
-            )
+        mean = EmbeddingMean()
+        mean.add(await self._embed_partials(partials, model, deadline))
         return EmbedResult(
-            embedding=average_embedding(embeddings),
+            embedding=mean.result(),
             model=model,
             speech_seconds=speech_seconds,
-            partial_count=len(partials),
+            partial_count=mean.count,
         )
+
+    async def _embed_partials(
+        self, partials: np.ndarray, model: str, deadline: float | None
+    ) -> np.ndarray:
+        with self._telemetry.timed("triton"):
+            return await self._encoder.embed_partials(
+                partials, model, timeout_s=time_left(deadline)
+            )
 
     async def _run(self, work: Callable[[], T], deadline: float | None) -> T:
         return await run_in_pool(self._executor, work, deadline, "audio preprocessing")
@@ -354,7 +384,7 @@ def _with_padded(wav: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return wav, pad_to_frames(wav)
 
 
-def _prepare_wave(
+def prepare_wave(
     wav: np.ndarray,
     min_speech_seconds: float,
     with_mfcc: bool,
@@ -367,14 +397,16 @@ def _prepare_wave(
     `vad`: the recording's VAD probabilities (one per 512 samples), segment rules and the VAD
     client's window: the speech is then its VAD segments (trim "vad"), and its mel frames are
     computed as StreamingEmbed computes them (`streaming_embed.vad_features`, during "trim");
-    the speech waveform itself is built only for the MFCC, scaled by the mel's gain.
+    the speech waveform itself is built only for the MFCC, scaled by the recording's gain.
+    The partial windows are loudness-normalised one by one (server/features.py); the MFCC
+    takes the whole recording's gain.
     """
     attributes = {ATTR_AUDIO_FIELD: field}
     features: VadSpeechFeatures | None = None
     speech: np.ndarray | None = None
     with telemetry.stage("trim", attributes) as span:
         if vad is None:
-            speech = trim_silence(normalize_volume(wav))
+            speech = trim_silence(wav)
             speech_samples = len(speech)
         else:
             features = vad_features(wav, *vad)
@@ -394,14 +426,18 @@ def _prepare_wave(
         with telemetry.stage("mfcc", attributes):
             if features is not None:
                 speech = _vad_speech(wav, features)
-            assert speech is not None
+            else:
+                assert speech is not None
+                speech = scaled(speech, recording_gain(wav))
             mfcc = mfcc_statistics(speech)
-    return _Prepared(partials=partials, speech_seconds=seconds, mfcc=mfcc, speech=speech)
+    return _Prepared(
+        partials=partials, speech_seconds=seconds, mfcc=mfcc, speech=speech if with_mfcc else None
+    )
 
 
 def _vad_speech(wav: np.ndarray, features: VadSpeechFeatures) -> np.ndarray:
-    """Trim "vad": the speech segments' samples, scaled by the gain the mel frames were
-    (`features.gain()`, the volume normalisation of the whole recording)."""
+    """Trim "vad": the speech segments' samples, scaled by the volume normalisation of the
+    whole recording (`features.gain()`), as the MFCC takes them."""
     speech = segments_speech(wav, [(s.start_sample, s.end_sample) for s in features.segments])
     gain = features.gain()
     return speech if gain is None else (speech * gain).astype(np.float32)

@@ -2,7 +2,9 @@
 
 `fused = sigmoid(ge2e_weight * ge2e + mfcc_weight * mfcc + bias)`, a same-speaker probability
 under equal priors as fitted by `server.calibration`; `decide` accepts `fused >= threshold`.
-The parameters live in a JSON file; the packaged default is `server/calibration.json`.
+The parameters live in a JSON file, fitted for one silence trim (`voicegate calibrate --trim`);
+the packaged defaults are `server/calibration.json` (trim "vad") and
+`server/calibration-energy.json` (trim "energy").
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from typing import Any
 from server.errors import ConfigError
 from server.mfcc import MfccNormalization
 
-PACKAGED_FILE = "calibration.json"
+# The packaged calibration of each silence trim: the scores' distributions depend on it.
+PACKAGED_FILES = {"vad": "calibration.json", "energy": "calibration-energy.json"}
+TRIMS = tuple(PACKAGED_FILES)
 FORMAT_VERSION = 1
 
 
@@ -41,6 +45,7 @@ class Calibration:
     method: str
     trained_on: str
     figures: dict[str, Any] = field(default_factory=dict)
+    trim: str = "energy"  # the silence trim it was fitted with (files before it: energy)
 
     def __post_init__(self) -> None:
         for name in ("ge2e_weight", "mfcc_weight", "bias", "threshold"):
@@ -79,6 +84,10 @@ class Calibration:
                 raise CalibrationFileError(f"calibration {name} must be a string")
         if not isinstance(self.figures, dict):
             raise CalibrationFileError("calibration figures must be an object")
+        if self.trim not in TRIMS:
+            raise CalibrationFileError(
+                f"calibration trim must be one of {list(TRIMS)}, got {self.trim!r}"
+            )
 
     @cached_property
     def mfcc_normalization(self) -> MfccNormalization:
@@ -112,7 +121,7 @@ class Calibration:
                 f"{source}: format_version {version!r} is not supported (expected {FORMAT_VERSION})"
             )
         names = [f.name for f in fields(cls)]
-        required = [f.name for f in fields(cls) if f.name != "figures"]
+        required = [f.name for f in fields(cls) if f.name not in ("figures", "trim")]
         missing = [name for name in required if name not in data]
         if missing:
             raise CalibrationFileError(f"{source}: missing field(s) {', '.join(missing)}")
@@ -125,12 +134,14 @@ class Calibration:
             raise CalibrationFileError(f"{source}: {exc.message}") from None
 
     @classmethod
-    def load(cls, path: Path | None = None) -> Calibration:
-        """Read a calibration file; None reads the packaged `server/calibration.json`."""
+    def load(cls, path: Path | None = None, trim: str = "vad") -> Calibration:
+        """Read a calibration file; None reads the packaged one fitted with `trim`
+        (`server/calibration.json` for "vad", `server/calibration-energy.json`)."""
         if path is None:
-            source = f"packaged server/{PACKAGED_FILE}"
+            packaged = PACKAGED_FILES[trim]
+            source = f"packaged server/{packaged}"
             try:
-                text = resources.files("server").joinpath(PACKAGED_FILE).read_text("utf-8")
+                text = resources.files("server").joinpath(packaged).read_text("utf-8")
             except (OSError, UnicodeDecodeError) as exc:
                 raise CalibrationFileError(f"{source} cannot be read: {exc}") from None
         else:
@@ -160,11 +171,6 @@ class Calibration:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-
-
-def load(path: Path | None = None) -> Calibration:
-    """Module-level alias of `Calibration.load`."""
-    return Calibration.load(path)
 
 
 def _sigmoid(z: float) -> float:

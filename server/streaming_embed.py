@@ -3,8 +3,9 @@
 One `StreamingEmbedSession` per call holds the state between chunks; its methods are
 synchronous (they run on the preprocessing threads) and the core drives it
 (`SpeakerCore.embed_stream`): decode each chunk, send whole VAD windows to Triton, turn the
-segments the VAD has decided into speech and the speech into mel frames, and at the end cut
-the partial windows and run the encoder once, as Embed does.
+segments the VAD has decided into speech, the speech into mel frames, and cut each partial
+window as soon as it is certain; the core sends cut windows to the encoder in groups as the
+stream goes and keeps only the running sum of their embeddings.
 
 What equals Embed, and why (tested: the embeddings are bit-identical, both trims):
 
@@ -19,24 +20,21 @@ What equals Embed, and why (tested: the embeddings are bit-identical, both trims
   of how the audio was cut: the VAD probabilities come in the windows Embed sends (the same
   Triton requests); `vad.StreamingSegmenter` reports each boundary as soon as it is certain
   and ends with exactly `vad.speech_segments`; the mel frames are computed in fixed blocks of
-  64 frames aligned to the start (`IncrementalMel`); the sum of squares for the loudness is
-  summed per VAD window.
-- loudness: Embed raises quiet audio to -30 dBFS RMS, a gain known only from the whole
-  recording. The mel is a power spectrum, so mel(g x) = g^2 mel(x): the mel frames of the
-  speech are kept unscaled, with the running sum of squares, and scaled by g^2 at the end,
-  before the partials go to the encoder in one request (as Embed's do). Against the energy
-  path's order (gain on the samples, then mel) this differs by float rounding only.
+  64 frames aligned to the start (`IncrementalMel`), the loudness energies per 160-sample
+  block (`features.hop_energies`); each partial window's gain comes from its own samples
+  (`features.normalised_partial`), so it is known once the window is; the encoder is
+  batch-invariant (export/int8_invariant.py), so windows sent in groups get the embeddings
+  they get in Embed's one request; and `features.EmbeddingMean` sums them in order.
 
-Memory of one stream, trim "vad": the chunk being decoded, the VAD window not yet sent
-(`window_frames` x 512 samples), the audio of speech not yet decided (from the start of a
-possible segment, ~0.3 s, or the silence that may still end one, ~0.15 s), the STFT's block
-(64 frames, 0.64 s), and the mel frames of the speech so far: 40 float32 every 10 ms of
-speech, 16 KB per second of speech, a quarter of the 16 kHz audio. The mel frames are not
-bounded by the partial window: the gain is known only at the end and the encoder is not
-linear in it, so no partial can be encoded earlier. `max_stream_seconds` (default 1800 s: at
-most 28.8 MB of frames) caps them. Trim "energy" cuts at 40 dB below the loudest 30 ms of the
-whole recording, which cannot be known before the end: the session keeps the decoded 16 kHz
-audio (64 KB per second, 115 MB at 1800 s) and runs Embed's own code on it at the end.
+Memory of one stream, trim "vad", bounded by the chunk and the partial window, not the
+recording: the chunk being decoded, the VAD window not yet sent (`window_frames` x 512
+samples), the audio of speech not yet decided (from the start of a possible segment, ~0.3 s,
+or the silence that may still end one, ~0.15 s), the mel frames and block energies from the
+next partial window's start (at most a window and an STFT block, ~46 KB), and the windows
+cut but not yet encoded (`core.STREAM_ENCODE_PARTIALS` at most, 25.6 KB each). Trim "energy"
+cuts at 40 dB below the loudest 30 ms of the whole recording, which cannot be known before
+the end: the session keeps the decoded 16 kHz audio (64 KB per second, 115 MB at
+`max_stream_seconds`, 1800 s) and runs Embed's own code on it at the end.
 """
 
 from __future__ import annotations
@@ -48,7 +46,16 @@ import numpy as np
 
 from server.audio import INT16_MAX, SAMPLE_RATE, volume_gain
 from server.config import Settings
-from server.features import HOP, N_FFT, partial_slices, power_mel
+from server.features import (
+    HOP,
+    N_FFT,
+    PARTIAL_FRAMES,
+    PARTIAL_STEP,
+    hop_energies,
+    normalised_partial,
+    partial_slices,
+    power_mel,
+)
 from server.vad import (
     FRAME_SAMPLES,
     EventKind,
@@ -77,7 +84,8 @@ class IncrementalMel:
 
     Frames are computed in fixed blocks of BLOCK_FRAMES, aligned to frame 0, as soon as a
     block's samples are there: the arithmetic (FFT and mel product shapes) is then the same
-    however the signal was cut, so the frames are bit for bit those of one piece.
+    however the signal was cut, so the frames are bit for bit those of one piece. Blocks the
+    caller no longer needs are dropped (`drop_before`).
     """
 
     BLOCK_FRAMES = 64
@@ -86,12 +94,12 @@ class IncrementalMel:
     def __init__(self) -> None:
         self._buffer = np.zeros(N_FFT // 2, dtype=np.float32)  # the centring's zeros
         self._blocks: list[np.ndarray] = []
-        self._blocks_nbytes = 0  # the sum of the blocks' nbytes, kept as they are added
-        self.frames = 0
+        self._first = 0  # frame number of the first kept block's first frame
+        self.frames = 0  # frames computed so far
 
     @property
     def nbytes(self) -> int:
-        return self._buffer.nbytes + self._blocks_nbytes
+        return self._buffer.nbytes + sum(block.nbytes for block in self._blocks)
 
     def feed(self, samples: np.ndarray) -> None:
         if not len(samples):
@@ -101,40 +109,119 @@ class IncrementalMel:
         count = (len(buffer) - self.BLOCK_SAMPLES) // step + 1
         for block in range(max(0, count)):
             start = block * step
-            mel = power_mel(buffer[start : start + self.BLOCK_SAMPLES], False)
-            self._blocks.append(mel)
-            self._blocks_nbytes += mel.nbytes
+            self._blocks.append(power_mel(buffer[start : start + self.BLOCK_SAMPLES], False))
         if count > 0:
             self.frames += count * self.BLOCK_FRAMES
             buffer = buffer[count * step :]
         self._buffer = buffer.copy()  # < one block; not a view into the concatenation
 
-    def result(self, n_frames: int) -> np.ndarray:
-        """The first `n_frames` frames [n, 40] of the signal followed by zeros for ever."""
+    def pad_to(self, n_frames: int) -> None:
+        """Follow the signal with zeros until `n_frames` frames are computed."""
         if n_frames > self.frames:
             blocks = -(-(n_frames - self.frames) // self.BLOCK_FRAMES)
             self.feed(np.zeros(blocks * self.BLOCK_FRAMES * HOP, np.float32))
-        frames = np.concatenate(self._blocks) if self._blocks else np.zeros((0, 40), np.float32)
-        return frames[:n_frames]
+
+    def window(self, start: int, stop: int) -> tuple[np.ndarray, int]:
+        """Kept frames covering [start, stop) and the frame number of their first row."""
+        if start < self._first or stop > self.frames:
+            raise RuntimeError(f"mel frames {start}..{stop} are not held ({self._first}..)")
+        first = (start - self._first) // self.BLOCK_FRAMES
+        last = -(-(stop - self._first) // self.BLOCK_FRAMES)
+        frames = np.concatenate(self._blocks[first:last])
+        return frames, self._first + first * self.BLOCK_FRAMES
+
+    def drop_before(self, frame: int) -> None:
+        """Let go of the blocks that end at or before `frame`."""
+        whole = (frame - self._first) // self.BLOCK_FRAMES
+        if whole > 0:
+            del self._blocks[:whole]
+            self._first += whole * self.BLOCK_FRAMES
 
 
-def stream_partials(
-    mel: IncrementalMel, speech_samples: int, gain: np.float32 | None
-) -> np.ndarray:
-    """`features.partial_windows` of the speech whose mel frames `mel` holds, the frames scaled
-    by gain^2 (the volume normalisation, applied to the power spectrum)."""
-    slices = partial_slices(speech_samples)
-    frames = mel.result(slices[-1].stop)
-    if gain is not None:
-        frames = frames * np.float32(float(gain) ** 2)
-    return np.stack([frames[s] for s in slices]).astype(np.float32)
+class PartialCutter:
+    """`features.partial_windows` of speech that arrives in pieces, each window cut as soon as
+    it is certain: once the speech covers a window's 1.6 s, the window belongs to the utterance
+    whatever follows, and its loudness gain (`features.normalised_partial`) is known. Only the
+    mel frames and block energies from the next window's start are kept, at most one window
+    plus an STFT block (~46 KB), and the windows cut but not yet taken (`take`).
+    """
+
+    def __init__(self) -> None:
+        self.mel = IncrementalMel()
+        self._energies = np.zeros(0, np.float64)  # per HOP block, from frame _energies_first
+        self._energies_first = 0
+        self._tail = np.zeros(0, np.float32)  # samples after the last whole HOP block
+        self.samples = 0
+        self.cut = 0  # windows cut so far
+        self._ready: list[np.ndarray] = []
+
+    @property
+    def nbytes(self) -> int:
+        ready = sum(partial.nbytes for partial in self._ready)
+        return self.mel.nbytes + self._energies.nbytes + self._tail.nbytes + ready
+
+    @property
+    def ready(self) -> int:
+        """Windows cut and not yet taken."""
+        return len(self._ready)
+
+    def feed(self, speech: np.ndarray) -> None:
+        if not len(speech):
+            return
+        self.samples += len(speech)
+        self.mel.feed(speech)
+        tail = np.concatenate([self._tail, speech.astype(np.float32, copy=False)])
+        whole = len(tail) // HOP * HOP
+        self._energies = np.concatenate([self._energies, hop_energies(tail[:whole])])
+        self._tail = tail[whole:].copy()
+        self._cut_certain()
+
+    def take(self) -> list[np.ndarray]:
+        """The windows cut since the last call, in order, each [160, 40] float32."""
+        ready, self._ready = self._ready, []
+        return ready
+
+    def finish(self) -> list[np.ndarray]:
+        """At the end of the speech: the windows not yet taken, the last ones cut by the
+        utterance's length (zero-padded), as `features.partial_windows` cuts them."""
+        remaining = partial_slices(self.samples)[self.cut :]
+        if remaining:
+            self.mel.pad_to(remaining[-1].stop)
+            if len(self._tail):
+                self._energies = np.concatenate([self._energies, hop_energies(self._tail)])
+                self._tail = self._tail[:0]
+        for window in remaining:
+            self._ready.append(self._window(window))
+            self.cut += 1
+        return self.take()
+
+    def _cut_certain(self) -> None:
+        while True:
+            start = self.cut * PARTIAL_STEP
+            stop = start + PARTIAL_FRAMES
+            if self.mel.frames < stop or self.samples < stop * HOP:
+                break
+            self._ready.append(self._window(slice(start, stop)))
+            self.cut += 1
+        next_start = self.cut * PARTIAL_STEP
+        self.mel.drop_before(next_start)
+        if next_start > self._energies_first:
+            self._energies = self._energies[next_start - self._energies_first :].copy()
+            self._energies_first = next_start
+
+    def _window(self, window: slice) -> np.ndarray:
+        frames, first = self.mel.window(window.start, window.stop)
+        offset = self._energies_first
+        energies = self._energies[window.start - offset : window.stop - offset]
+        partial = frames[window.start - first : window.stop - first]
+        return normalised_partial(partial, energies, window, self.samples)
 
 
 class VadSpeechFeatures:
     """Trim "vad" features of audio that arrives in pieces: 16 kHz samples in (`add`), whole
     VAD windows out (`window`), their probabilities in (`accept`); the speech the VAD has
-    decided goes into mel frames (not yet gain-normalised) at once, and `partials` cuts the
-    partial windows at the end.
+    decided goes to the `PartialCutter` at once, which cuts each partial window as soon as it
+    is certain (`take_partials`), and the last ones at the end (`final_partials`).
 
     Audio is kept from the first sample that may still belong to a segment (or has not been
     sent to the VAD yet); everything before it is dropped. Embed runs the same code on the
@@ -146,7 +233,7 @@ class VadSpeechFeatures:
         self._segmenter = StreamingSegmenter(params)
         self._window = max(1, window_frames) * FRAME_SAMPLES
         self._pad = math.ceil(params.speech_pad_ms * SAMPLE_RATE / 1000)
-        self.mel = IncrementalMel()
+        self.cutter = PartialCutter()
         self._audio = np.zeros(0, dtype=np.float32)
         self._audio_start = 0  # stream index of _audio[0]
         self.received = 0  # 16 kHz samples decoded so far
@@ -154,14 +241,14 @@ class VadSpeechFeatures:
         self._open: int | None = None  # while a segment is open: speech emitted up to here
         self._last_end = 0
         self.speech_samples = 0
-        self.sum_squares = 0.0  # of the audio sent to the VAD, in int16 units
+        self.sum_squares = 0.0  # of the audio sent to the VAD, in int16 units (the MFCC's gain)
         self.state: VadState | None = None  # the VAD's state, carried between windows
         self.segments: list[Segment] = []  # all of them, after the last window
         self._finished = False
 
     @property
     def nbytes(self) -> int:
-        return self._audio.nbytes + self.mel.nbytes
+        return self._audio.nbytes + self.cutter.nbytes
 
     def add(self, samples: np.ndarray) -> None:
         if len(samples):
@@ -218,16 +305,26 @@ class VadSpeechFeatures:
     def _speech(self, start: int, end: int) -> None:
         samples = self._slice(start, end)
         self.speech_samples += len(samples)
-        self.mel.feed(samples)
+        self.cutter.feed(samples)
 
     def gain(self) -> np.float32 | None:
-        """The volume normalisation's factor for the whole recording (None: unchanged)."""
+        """The volume normalisation's factor for the whole recording (None: unchanged): the
+        MFCC's (Verify); the partial windows are normalised one by one."""
         return volume_gain(self.sum_squares / self.received) if self.received else None
 
-    def partials(self) -> np.ndarray:
-        """After the last window: the partial windows of the speech, gain-normalised."""
+    def take_partials(self) -> list[np.ndarray]:
+        """The partial windows cut since the last call (`PartialCutter.take`)."""
+        return self.cutter.take()
+
+    def final_partials(self) -> list[np.ndarray]:
+        """After the last window: the partial windows not yet taken."""
         assert self._finished
-        return stream_partials(self.mel, self.speech_samples, self.gain())
+        return self.cutter.finish()
+
+    def partials(self) -> np.ndarray:
+        """After the last window, when none were taken: all the partial windows, [n, 160, 40]."""
+        assert self.cutter.cut == self.cutter.ready
+        return np.stack(self.final_partials())
 
     def _certain_speech_until(self) -> int:
         """While a reported segment has no reported end: the samples before the returned index
@@ -335,10 +432,20 @@ class StreamingEmbedSession:
         assert self.vad is not None
         return self.vad.speech_samples
 
-    def partials(self) -> np.ndarray:
-        """Trim "vad", after the last window: the partial windows, gain-normalised."""
+    def ready_partials(self) -> int:
+        """Trim "vad": partial windows cut and not yet taken."""
+        assert self.vad is not None
+        return self.vad.cutter.ready
+
+    def take_partials(self) -> list[np.ndarray]:
+        """Trim "vad": the partial windows cut since the last call, loudness-normalised."""
+        assert self.vad is not None
+        return self.vad.take_partials()
+
+    def final_partials(self) -> list[np.ndarray]:
+        """Trim "vad", after the last window: the partial windows not yet taken."""
         assert self._ended and self.vad is not None
-        return self.vad.partials()
+        return self.vad.final_partials()
 
     def _add(self, samples: np.ndarray) -> None:
         if not len(samples):
@@ -376,9 +483,9 @@ def vad_features(
 
 __all__ = [
     "IncrementalMel",
+    "PartialCutter",
     "StreamingEmbedSession",
     "VadSpeechFeatures",
     "live_sessions",
-    "stream_partials",
     "vad_features",
 ]

@@ -16,7 +16,8 @@ The probabilities equal those of silero's own per-chunk model (`silero_vad.onnx`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -78,6 +79,45 @@ def frames_of(samples: np.ndarray, context: np.ndarray | None = None) -> np.ndar
     n = len(samples) // FRAME_SAMPLES
     view = np.lib.stride_tricks.sliding_window_view(padded, FRAME_WIDTH)
     return np.ascontiguousarray(view[: n * FRAME_SAMPLES : FRAME_SAMPLES])
+
+
+def windowed_probabilities(session: Any, samples: np.ndarray, window_frames: int) -> np.ndarray:
+    """The Triton model's probabilities for one stream from its start, run in process: an ONNX
+    Runtime `session` of its model.onnx, `window_frames` frames per run, state carried, as
+    `TritonVad` sends them (offline tools: calibration, the export's checks)."""
+    frames = frames_of(samples)
+    state = np.zeros((1, 2, HIDDEN), np.float32)
+    probs = []
+    for start in range(0, len(frames), window_frames):
+        out, state = session.run(
+            [PROBS_OUTPUT, STATE_OUTPUT],
+            {FRAMES_INPUT: frames[None, start : start + window_frames], STATE_INPUT: state},
+        )
+        probs.append(out[0])
+    return np.concatenate(probs) if probs else np.zeros(0, np.float32)
+
+
+class OnnxVad:
+    """The exported VAD (`model_repository/silero_vad/1/model.onnx`) run in process with ONNX
+    Runtime, for offline tools that must trim as the service does (`voicegate calibrate`)."""
+
+    def __init__(
+        self, model_path: Path, window_frames: int = DEFAULT_WINDOW_FRAMES, threads: int = 1
+    ) -> None:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.session = onnxruntime.InferenceSession(
+            str(model_path), options, providers=["CPUExecutionProvider"]
+        )
+        self.window_frames = window_frames
+
+    def probabilities(self, samples: np.ndarray) -> np.ndarray:
+        """One probability per 512-sample frame of `samples` (a multiple of 512 long)."""
+        return windowed_probabilities(self.session, samples, self.window_frames)
 
 
 class TritonVad:
@@ -157,7 +197,9 @@ __all__ = [
     "FRAME_SAMPLES",
     "MODEL_NAME",
     "SAMPLE_RATE",
+    "OnnxVad",
     "TritonVad",
     "VadState",
     "frames_of",
+    "windowed_probabilities",
 ]

@@ -196,10 +196,13 @@ async def test_each_limit_is_invalid_argument_with_a_bad_request(
 
 
 @pytest.mark.integration
-async def test_within_the_limits_is_embedded(limited_stub: Any) -> None:
-    reply = await limited_stub.Embed(
-        speaker_pb2.EmbedRequest(audio=raw(2.5, rate=22_050, channels=2)), timeout=30
-    )
+async def test_within_the_limits_is_embedded(limited_stub: Any, speech_files: list[Path]) -> None:
+    import soxr
+
+    wav, rate = speech.read(speech_files[0])
+    resampled = soxr.resample(wav[: int(2.5 * rate)], rate, 22_050).astype(np.float32)
+    stereo = speech.raw16(np.stack([resampled, 0.8 * resampled], axis=1), 22_050)
+    reply = await limited_stub.Embed(speaker_pb2.EmbedRequest(audio=stereo), timeout=30)
     assert len(reply.embedding) == 256
 
 

@@ -216,7 +216,8 @@ async def test_cancelled_preprocessing_never_starts(base_settings: Settings) -> 
     release = threading.Event()
     ran: list[str] = []
     with ThreadPoolExecutor(1) as pool:
-        core = SpeakerCore(base_settings, _NeverCalled(), Calibration.load(None), pool)
+        settings = base_settings.replace(trim="energy")  # no VAD: nothing but the pool runs
+        core = SpeakerCore(settings, _NeverCalled(), Calibration.load(None), pool)
         busy = asyncio.get_running_loop().run_in_executor(pool, release.wait, 10)
 
         queued = asyncio.ensure_future(core._run(lambda: ran.append("cancelled"), None))

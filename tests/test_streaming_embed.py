@@ -74,12 +74,22 @@ async def vad_stub(vad_app: Any) -> AsyncIterator[Any]:
         yield speaker_pb2_grpc.SpeakerServiceStub(channel)
 
 
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def energy_stub(base_settings: Settings, triton: Any) -> AsyncIterator[Any]:
+    """A front server on the session's Triton trimming with the energy rule (not the default)."""
+    from server.app import VoicegateApp
+
+    settings = base_settings.replace(triton_url=triton.grpc_url, trim="energy")
+    async with (
+        VoicegateApp(settings) as running,
+        grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel,
+    ):
+        yield speaker_pb2_grpc.SpeakerServiceStub(channel)
+
+
 @pytest.fixture(params=["energy", "vad"])
-def trim_stub(request: pytest.FixtureRequest, speaker_stub: Any) -> Iterator[tuple[str, Any]]:
-    if request.param == "energy":
-        yield "energy", speaker_stub
-    else:
-        yield "vad", request.getfixturevalue("vad_stub")
+def trim_stub(request: pytest.FixtureRequest) -> Iterator[tuple[str, Any]]:
+    yield request.param, request.getfixturevalue(f"{request.param}_stub")
 
 
 async def _embed_both(
@@ -147,14 +157,15 @@ async def test_streaming_embed_resampled_stereo_equals_embed(
     assert difference <= TOLERANCE
 
 
-async def test_streaming_memory_is_bounded_by_speech(
+async def test_streaming_memory_is_bounded_by_the_partial_window(
     vad_app: Any, vad_stub: Any, speech_files: list[Path], report: Callable[[str], None]
 ) -> None:
-    """trim="vad": a minute of audio with long silences in it; the server never holds more than
-    the mel frames of the speech so far plus a constant (never the audio)."""
+    """trim="vad": 88 s of audio (just under the app's limit) with long silences in it; the
+    server never holds more than a constant (VAD window, undecided audio, one partial window's
+    mel frames, the cut windows not yet encoded), however long the recording and its speech."""
     rng = np.random.default_rng(3)
     pieces = []
-    for path in speech_files[10:16]:
+    for path in speech_files[10:18]:
         pieces += [_samples(path)[: 16_000 * 8], np.zeros(16_000 * 3, np.float32)]
     wav = np.concatenate(pieces)
     data = speech.pcm16(wav, rounded=True)
@@ -162,29 +173,33 @@ async def test_streaming_memory_is_bounded_by_speech(
         format=audio_pb2.SAMPLE_FORMAT_LINEAR16, sample_rate_hz=16_000
     )
     chunks = _random_chunks(data, rng, 16_000)
-    peak = 0.0
-    seen = 0
+    peaks = [0.0, 0.0]  # in the first and the second half of the stream
+    sent = 0
     held = "voicegate_streaming_embed_held_bytes"
 
     async def requests() -> AsyncIterator[speaker_pb2.StreamingEmbedRequest]:
-        nonlocal peak, seen
+        nonlocal sent
         yield speaker_pb2.StreamingEmbedRequest(config=config)
         for chunk in chunks:
             yield speaker_pb2.StreamingEmbedRequest(audio_chunk=chunk)
-            seen += len(chunk)
+            sent += len(chunk)
             await asyncio.sleep(0.002)  # let the server keep up, as a real-time source would
-            peak = max(peak, _sample(vad_app, held))
+            half = 0 if sent < len(data) // 2 else 1
+            peaks[half] = max(peaks[half], _sample(vad_app, held))
 
-    response = await vad_stub.StreamingEmbed(requests(), timeout=120)
-    audio_bytes = len(wav) * 4  # the decoded float32 audio
-    # 40 float32 per 10 ms of speech, plus the VAD window (1 s) and what is undecided (< 1 s)
-    bound = response.speech_seconds * 16_000 + 2 * 16_000 * 4 + 64_000
+    response = await vad_stub.StreamingEmbed(requests(), timeout=180)
+    mel_of_speech = response.speech_seconds * 16_000  # what holding the speech's mel would take
+    # VAD window (64 frames of float32) and undecided audio (< 1 s), the decoder's chunk, one
+    # partial window's mel frames plus an STFT block, 3 windows cut and not yet encoded
+    bound = 64 * 512 * 4 + 16_000 * 4 + 16_000 * 2 + (160 + 77 + 64) * 160 + 3 * 25_600
     report(
         f"StreamingEmbed trim=vad, {len(wav) / 16_000:.0f} s of audio, "
-        f"{response.speech_seconds:.1f} s speech: peak held {peak / 1e3:.0f} KB "
-        f"(decoded audio would be {audio_bytes / 1e3:.0f} KB)"
+        f"{response.speech_seconds:.1f} s speech: peak held {max(peaks) / 1e3:.0f} KB "
+        f"(first half {peaks[0] / 1e3:.0f} KB, second {peaks[1] / 1e3:.0f} KB; the speech's mel "
+        f"would be {mel_of_speech / 1e3:.0f} KB, the decoded audio {len(wav) * 4 / 1e3:.0f} KB)"
     )
-    assert 0 < peak <= bound
+    assert response.partial_count > 50
+    assert 0 < max(peaks) <= bound < mel_of_speech
     assert _sample(vad_app, held) == 0
 
 
@@ -316,26 +331,60 @@ async def test_client_gone_mid_stream_leaves_nothing_behind(
 # ---------------------------------------------------------------- the pieces, without servers
 
 
-def test_incremental_mel_is_bit_identical_however_cut() -> None:
+def test_partial_cutter_is_bit_identical_however_cut_and_bounded() -> None:
+    """Speech fed in random pieces, windows taken as they are cut: the windows of one piece, bit
+    for bit; memory bounded by a window; and features.partial_windows to float rounding."""
     from server.features import partial_windows
-    from server.streaming_embed import IncrementalMel, stream_partials
+    from server.streaming_embed import PartialCutter
 
     rng = np.random.default_rng(0)
-    x = (0.1 * rng.standard_normal(16_000 * 7 + 123)).astype(np.float32)
+    # quiet, then loud, then quiet: the gain differs per window
+    x = np.concatenate(
+        [
+            0.002 * rng.standard_normal(16_000 * 20 + 123),
+            0.3 * rng.standard_normal(16_000 * 5),
+            0.001 * rng.standard_normal(16_000 * 15),
+        ]
+    ).astype(np.float32)
 
-    def partials(cuts: Sequence[int]) -> np.ndarray:
-        mel, at = IncrementalMel(), 0
+    def windows(cuts: Sequence[int]) -> tuple[np.ndarray, int]:
+        cutter, at, taken, peak = PartialCutter(), 0, [], 0
         for size in cuts:
-            mel.feed(x[at : at + size])
+            cutter.feed(x[at : at + size])
             at += size
-        mel.feed(x[at:])
-        return stream_partials(mel, len(x), np.float32(1.5))
+            peak = max(peak, cutter.nbytes)
+            taken += cutter.take()
+        cutter.feed(x[at:])
+        return np.stack(taken + cutter.finish()), peak
 
-    whole = partials([])
-    assert np.array_equal(whole, partials(list(rng.integers(1, 3_000, 40))))
-    # and it is features.partial_windows of the gain-normalised signal, to float rounding
-    reference = partial_windows((x * np.float32(1.5)).astype(np.float32))
-    assert np.abs(whole - reference).max() <= 1e-5 * reference.max()
+    whole, _ = windows([])
+    pieces, peak = windows(list(rng.integers(1, 3_000, 400)))
+    assert np.array_equal(whole, pieces)
+    assert peak <= (160 + 77 + 64) * 160 + 3_000 * 4 + 25_600
+    reference = partial_windows(x)
+    assert reference.shape == whole.shape
+    scale = reference.max(axis=(1, 2), keepdims=True)
+    assert np.abs(whole - reference).max(axis=(1, 2)).max() <= 1e-5 * scale.max()
+    assert (np.abs(whole - reference) <= 1e-5 * scale).all()
+
+
+def test_partial_windows_are_loudness_normalised_one_by_one() -> None:
+    """Each window of quiet speech is raised to -30 dBFS by its own samples: a recording at
+    -60 and at -40 dBFS gives the same windows, and a loud window next to quiet ones is left
+    as it is."""
+    from server.features import HOP, partial_slices, partial_windows, power_mel
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(16_000 * 6).astype(np.float32)
+    quiet = partial_windows((0.001 * x).astype(np.float32))
+    less_quiet = partial_windows((0.01 * x).astype(np.float32))
+    np.testing.assert_allclose(quiet, less_quiet, rtol=1e-4)
+    signal = np.concatenate([0.001 * x, 0.5 * x]).astype(np.float32)
+    mixed = partial_windows(signal)
+    np.testing.assert_allclose(mixed[0], quiet[0], rtol=1e-4)  # raised by its own samples
+    last = partial_slices(len(signal))[-1]
+    unscaled = power_mel(np.pad(signal, (0, max(0, last.stop * HOP - len(signal)))))[last]
+    assert np.array_equal(mixed[-1], unscaled)  # loud: left as it is
 
 
 def test_vad_speech_streamed_equals_whole_and_keeps_little_audio() -> None:
@@ -377,7 +426,7 @@ def test_vad_speech_streamed_equals_whole_and_keeps_little_audio() -> None:
             step = len(samples) // 512
             streamed.accept(probabilities[sent : sent + step], count, None, final)
             sent += step
-            kept = max(kept, streamed.nbytes - streamed.mel.nbytes)
+            kept = max(kept, streamed.nbytes - streamed.cutter.nbytes)
             if final:
                 break
         if final:

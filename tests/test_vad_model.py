@@ -19,6 +19,9 @@ from server.errors import ExportError
 from server.triton_client import TritonClient
 from server.vad_model import CONTEXT_SAMPLES, FRAME_SAMPLES, TritonVad, VadState
 from tests import speech, tritonkit
+from tests.conftest import MODEL_REPOSITORY
+
+VAD_MODEL_FILE = MODEL_REPOSITORY / "silero_vad" / "1" / "model.onnx"
 
 MODEL = "silero_vad"
 SECONDS = 12.0  # of each dev recording, to keep the per-chunk reference quick
@@ -154,6 +157,19 @@ async def test_probabilities_equal_the_per_chunk_model_on_speech(
         np.testing.assert_allclose(probs, expected, rtol=0, atol=MATCH)
         assert 0.2 < float(np.mean(expected > 0.5)) < 0.99  # real speech, with pauses
         np.testing.assert_array_equal(state.context, samples[-CONTEXT_SAMPLES:])
+
+
+@pytest.mark.integration
+async def test_in_process_model_gives_tritons_probabilities(
+    client: TritonClient, recordings: list[np.ndarray]
+) -> None:
+    """`OnnxVad` (calibration's trim "vad") sees what the service gets from Triton."""
+    from server.vad_model import OnnxVad
+
+    local = OnnxVad(VAD_MODEL_FILE)
+    for samples in recordings:
+        served, _ = await TritonVad(client).probabilities(samples)
+        np.testing.assert_array_equal(local.probabilities(samples), served)
 
 
 @pytest.mark.integration

@@ -31,6 +31,7 @@ from server.mfcc import MFCC_DIMENSION, mfcc_score, mfcc_statistics
 
 ROOT = Path(__file__).resolve().parents[1]
 INT8_MODEL = ROOT / "model_repository" / "ge2e_int8" / "1" / "model.onnx"
+VAD_MODEL = ROOT / "model_repository" / "silero_vad" / "1" / "model.onnx"
 RATE = 16_000
 
 
@@ -134,8 +135,11 @@ def test_fuse_and_decide() -> None:
     assert calibration.decide(0.5) and not calibration.decide(0.4999)
 
 
-def test_packaged_calibration_matches_the_mfcc_statistics() -> None:
-    calibration = Calibration.load(None)
+@pytest.mark.parametrize("trim", ["vad", "energy"])
+def test_packaged_calibration_matches_the_mfcc_statistics(trim: str) -> None:
+    """One packaged file per silence trim, each fitted with it."""
+    calibration = Calibration.load(None, trim)
+    assert calibration.trim == calibration.figures["trim"] == trim
     assert len(calibration.mfcc_mean) == len(calibration.mfcc_std) == MFCC_DIMENSION
     assert 0.0 < calibration.threshold < 1.0
     eers = calibration.figures["held_out_eer_percent"]
@@ -338,12 +342,24 @@ def test_vectorised_mfcc_scores_match_the_serving_function() -> None:
 # ---------------------------------------------------------------- the whole calibration
 
 
-def test_calibrate_end_to_end_on_a_few_speakers(data_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("trim", ["vad", "energy"])
+def test_calibrate_end_to_end_on_a_few_speakers(trim: str, data_dir: Path, tmp_path: Path) -> None:
     from server.calibration import calibrate
 
-    if not INT8_MODEL.exists():
-        pytest.skip(f"{INT8_MODEL.relative_to(ROOT)} is not exported (run `make export`)")
-    calibration = calibrate(data_dir, INT8_MODEL, seed=1, folds=2, impostors=4, limit=12)
+    for model in (INT8_MODEL, VAD_MODEL):
+        if not model.exists():
+            pytest.skip(f"{model.relative_to(ROOT)} is not exported (run `make export`)")
+    calibration = calibrate(
+        data_dir,
+        INT8_MODEL,
+        seed=1,
+        folds=2,
+        impostors=4,
+        limit=12,
+        trim=trim,
+        vad_model_path=VAD_MODEL,
+    )
+    assert calibration.trim == calibration.figures["trim"] == trim
     assert 0.0 < calibration.threshold < 1.0
     assert len(calibration.mfcc_mean) == MFCC_DIMENSION
     figures = calibration.figures
