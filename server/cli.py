@@ -128,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--server", default=DEFAULT_SERVER, help="HOST:PORT of voicegate")
     _add_connection_arguments(verify)
 
+    vad = commands.add_parser("vad", help="list the speech segments of an audio file")
+    vad.add_argument("file", type=Path)
+    vad.add_argument("--server", default=DEFAULT_SERVER, help="HOST:PORT of voicegate")
+    _add_connection_arguments(vad)
+
     health = commands.add_parser(
         "health",
         help="ask a running server's gRPC health service; exit 0 when SERVING (container probe)",
@@ -277,6 +282,20 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _vad(args: argparse.Namespace) -> int:
+    from server.client import detect_speech_file, report_rpc_error
+
+    with report_rpc_error():
+        response = detect_speech_file(_connection(args), args.file)
+        print(f"{response.speech_seconds:.2f} s of speech in {response.audio_seconds:.2f} s")
+        for segment in response.segments:
+            print(
+                f"{segment.start_seconds:9.3f} {segment.end_seconds:9.3f}  "
+                f"p={segment.mean_probability:.2f}"
+            )
+    return 0
+
+
 def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -314,6 +333,7 @@ _COMMANDS = {
     "calibrate": _calibrate,
     "embed": _embed,
     "verify": _verify,
+    "vad": _vad,
     "health": _health,
     "hash-token": _hash_token,
 }

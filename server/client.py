@@ -1,4 +1,4 @@
-"""A small synchronous client for the `voicegate` CLI's embed and verify commands."""
+"""A small synchronous client for the `voicegate` CLI's embed, verify and vad commands."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import grpc
 
-from server.api.voicegate.v1 import audio_pb2, speaker_pb2, speaker_pb2_grpc
+from server.api.voicegate.v1 import audio_pb2, speaker_pb2, speaker_pb2_grpc, vad_pb2, vad_pb2_grpc
 
 TIMEOUT_S = 60.0
 
@@ -58,6 +58,17 @@ def verify_files(
         stub = speaker_pb2_grpc.SpeakerServiceStub(channel)
         request = speaker_pb2.VerifyRequest(reference=_audio(reference), probe=_audio(probe))
         response: speaker_pb2.VerifyResponse = stub.Verify(
+            request, timeout=TIMEOUT_S, metadata=connection.metadata
+        )
+        return response
+
+
+def detect_speech_file(connection: Connection, path: Path) -> vad_pb2.DetectSpeechResponse:
+    """The speech segments of one local audio file (silero's default rules)."""
+    with connection.channel() as channel:
+        stub = vad_pb2_grpc.VoiceActivityServiceStub(channel)
+        request = vad_pb2.DetectSpeechRequest(audio=_audio(path))
+        response: vad_pb2.DetectSpeechResponse = stub.DetectSpeech(
             request, timeout=TIMEOUT_S, metadata=connection.metadata
         )
         return response

@@ -142,3 +142,8 @@ async def test_cli_client_embeds_and_verifies(app, speech_files: list[Path], cap
     args = ["verify", str(speech_files[0]), str(speech_files[1]), "--server", target]
     assert await asyncio.to_thread(main, args) == 0
     assert "different speakers" in capsys.readouterr().out
+    assert await asyncio.to_thread(main, ["vad", str(speech_files[0]), "--server", target]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert " s of speech in " in lines[0] and len(lines) >= 2
+    start, end, _ = lines[1].split()
+    assert 0.0 <= float(start) < float(end)
