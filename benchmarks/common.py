@@ -207,6 +207,30 @@ async def in_process_service(
             yield f"127.0.0.1:{app.port}"
 
 
+async def accepted_clips(target: str, clips: Sequence[bytes]) -> list[bytes]:
+    """The clips the server at `target` embeds: with trim "vad" a few 4 s cuts hold too little
+    speech (INVALID_ARGUMENT), and one failed call would end a measurement."""
+    import grpc
+
+    from server.api.voicegate.v1 import audio_pb2, speaker_pb2, speaker_pb2_grpc
+
+    kept = []
+    async with grpc.aio.insecure_channel(target, options=GRPC_OPTIONS) as channel:
+        stub = speaker_pb2_grpc.SpeakerServiceStub(channel)
+        for clip in clips:
+            request = speaker_pb2.EmbedRequest(audio=audio_pb2.Audio(content=clip))
+            try:
+                await stub.Embed(request, timeout=120)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                    raise
+                continue
+            kept.append(clip)
+    if len(kept) < len(clips):
+        log(f"{len(kept)} of {len(clips)} clips have enough speech for {target}; using those")
+    return kept
+
+
 async def embed_all(stub: Any, requests: Sequence[Any], concurrency: int) -> list[float]:
     """Every Embed request once, in order, `concurrency` calls in flight: their latencies."""
     latencies: list[float] = []

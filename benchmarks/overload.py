@@ -37,6 +37,7 @@ from typing import Any
 from benchmarks.common import (
     GRPC_OPTIONS,
     ServeProcess,
+    accepted_clips,
     add_data_dir_argument,
     log,
     make_clips,
@@ -135,14 +136,15 @@ async def run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
     env = {}
     # Always set: ServeProcess raises the limit for the throughput benchmarks otherwise.
     env["VOICEGATE_MAX_INFLIGHT_REQUESTS"] = str(args.limit or Settings.max_inflight_requests)
-    requests = [
-        speaker_pb2.EmbedRequest(audio=audio_pb2.Audio(content=data))
-        for data in make_clips(data_dir, args.clips, 1.0, CLIP_S)
-    ]
+    clips = make_clips(data_dir, args.clips, 1.0, CLIP_S)
     with ServeProcess(env=env) as serve:
         assert serve.proc is not None
         pid = serve.proc.pid
         await wait_serving(serve.target)
+        requests = [
+            speaker_pb2.EmbedRequest(audio=audio_pb2.Audio(content=data))
+            for data in await accepted_clips(serve.target, clips)
+        ]
         async with grpc.aio.insecure_channel(serve.target, options=GRPC_OPTIONS) as channel:
             caller = Caller(speaker_pb2_grpc.SpeakerServiceStub(channel), requests)
             await closed_loop(caller, 4, 3.0)  # warm-up

@@ -17,6 +17,7 @@ any upper-case KEY is an environment variable for that server (e.g. VOICEGATE_PR
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import shutil
 import statistics
@@ -32,12 +33,14 @@ from typing import Any
 from benchmarks.common import (
     MODEL_REPOSITORY,
     ServeProcess,
+    accepted_clips,
     add_data_dir_argument,
     log,
     make_clips,
     median_and_spread,
     require_data_dir,
     rotating_rounds,
+    wait_serving,
 )
 from benchmarks.throughput import e2e_step
 
@@ -116,6 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             log(f"starting {variant.name}: config {variant.config}, env {variant.env}")
             servers[variant.name] = stack.enter_context(ServeProcess(repository, variant.env))
+        first = next(iter(servers.values()))
+        asyncio.run(wait_serving(first.target, timeout_s=240))
+        clips = asyncio.run(accepted_clips(first.target, clips))
         rounds = rotating_rounds(
             servers,
             args.levels,

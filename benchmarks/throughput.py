@@ -62,6 +62,7 @@ from benchmarks.common import (
     MODEL_REPOSITORY,
     ROOT,
     ServeProcess,
+    accepted_clips,
     add_data_dir_argument,
     cpu_meter,
     embed_all,
@@ -359,6 +360,12 @@ def measure(args: argparse.Namespace, clips: list[bytes]) -> dict[str, Any]:
     rounds: list[dict[str, dict[str, Any]]] = []
     with contextlib.ExitStack() as stack:
         running = stack.enter_context(server)
+        target = running if isinstance(running, str) or running is None else running.target
+        server_pids: list[int] = running.pids() if isinstance(running, ServeProcess) else []
+        triton_url = running.triton_url() if isinstance(running, ServeProcess) else args.triton_url
+        if target is not None:
+            asyncio.run(wait_serving(target, timeout_s=240))
+            clips = asyncio.run(accepted_clips(target, clips))  # every part gets the same clips
         ceiling = None
         if "ceiling" in parts:
             ceiling = Ceiling(args.ceiling_model, clips)
@@ -367,11 +374,6 @@ def measure(args: argparse.Namespace, clips: list[bytes]) -> dict[str, Any]:
         if "resemblyzer" in parts:
             resemblyzer = Resemblyzer(clips)
             stack.callback(resemblyzer.close)
-        target = running if isinstance(running, str) or running is None else running.target
-        server_pids: list[int] = running.pids() if isinstance(running, ServeProcess) else []
-        triton_url = running.triton_url() if isinstance(running, ServeProcess) else args.triton_url
-        if target is not None:
-            asyncio.run(wait_serving(target, timeout_s=240))
         steps: list[tuple[str, Callable[[], dict[str, Any]]]] = []
         if target is not None:
             for level in args.levels:

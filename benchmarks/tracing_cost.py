@@ -17,7 +17,8 @@ second (`OTEL_BSP_SCHEDULE_DELAY=1000`, passed on to Triton) and each measuremen
 `--settle-s` after its last call, so a run's export work is charged to that run.
 
 Each round drives every config once with the same requests (`--clips` WAV clips of 4 s, as
-`audio.content`, `--concurrency` calls in flight, after a short warm-up), in an order that
+`audio.content`, less those with too little speech for the server's trimming, which `off` refuses
+once before the rounds; `--concurrency` calls in flight, after a short warm-up), in an order that
 alternates every round, each measurement started in a lull of the machine's other load where
 one comes (`wait_for_quiet`). Per round: utterances/s and the CPU time the server processes
 (front server, tritonserver, Python-backend stub) used per utterance. The cost is taken within
@@ -43,6 +44,7 @@ from pathlib import Path
 from benchmarks.common import (
     GRPC_OPTIONS,
     ServeProcess,
+    accepted_clips,
     add_data_dir_argument,
     cpu_meter,
     embed_all,
@@ -206,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, server in servers.items():
             log(f"starting {name}")
             server.start()
+        clips = asyncio.run(accepted_clips(servers["off"].target, clips))
         for index in range(args.rounds):
             order = configs if index % 2 == 0 else list(reversed(configs))
             results: dict[str, dict] = {}
@@ -225,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     exports = receiver.snapshot()
 
     print(
-        f"\nEmbed, {args.clips} clips of {CLIP_SECONDS:.0f} s, {args.concurrency} in flight, "
+        f"\nEmbed, {len(clips)} clips of {CLIP_SECONDS:.0f} s, {args.concurrency} in flight, "
         f"{args.rounds} rounds (config order alternating), model {MODEL}"
     )
     print(
@@ -263,6 +266,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n{name} vs off, within each round:")
         print(f"  throughput cost      {summary(cost)}  -> {'within' if ok else 'OVER'} 5 %")
         print(f"  server CPU per utt   {summary(cpu)}")
+        front = [r[name]["front_cpu_ms_per_utt"] - r["off"]["front_cpu_ms_per_utt"] for r in rounds]
+        print(
+            f"  front-server CPU per utt {statistics.median(front):+.2f} ms "
+            f"(range {min(front):+.2f} .. {max(front):+.2f})"
+        )
         # Pooled over rounds (total calls / total time of each config): a second estimate that
         # weighs every measured second alike, so one disturbed round moves it less.
         pooled = 1 - pooled_rate(rounds, name) / pooled_rate(rounds, "off")

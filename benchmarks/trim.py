@@ -37,6 +37,7 @@ import numpy as np
 from benchmarks.common import (
     GRPC_OPTIONS,
     ServeProcess,
+    accepted_clips,
     add_data_dir_argument,
     log,
     make_clips,
@@ -143,36 +144,13 @@ def measure_eer(
     return result
 
 
-async def accepted(target: str, clips: Sequence[bytes]) -> list[bool]:
-    """Whether the server embeds each clip (False: too little speech after its trim)."""
-    import grpc
-
-    from server.api.voicegate.v1 import audio_pb2, speaker_pb2, speaker_pb2_grpc
-
-    async with grpc.aio.insecure_channel(target, options=GRPC_OPTIONS) as channel:
-        stub = speaker_pb2_grpc.SpeakerServiceStub(channel)
-        out = []
-        for clip in clips:
-            request = speaker_pb2.EmbedRequest(audio=audio_pb2.Audio(content=clip))
-            try:
-                await stub.Embed(request, timeout=120)
-                out.append(True)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
-                    raise
-                out.append(False)
-        return out
-
-
 def measure_throughput(
     args: argparse.Namespace, servers: dict[str, ServeProcess], all_clips: list[bytes]
 ) -> dict[str, Any]:
     # Only the clips both trims accept (the VAD finds too little speech in a few 4 s cuts).
-    keep = [True] * len(all_clips)
+    clips = all_clips
     for trim in TRIMS:
-        ok = asyncio.run(accepted(servers[trim].target, all_clips))
-        keep = [a and b for a, b in zip(keep, ok, strict=True)]
-    clips = [clip for clip, kept in zip(all_clips, keep, strict=True) if kept]
+        clips = asyncio.run(accepted_clips(servers[trim].target, clips))
     log(f"throughput on the {len(clips)} of {len(all_clips)} clips both trims accept")
     # The two trims in alternating order each round.
     rounds = rotating_rounds(

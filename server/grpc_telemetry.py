@@ -18,8 +18,9 @@ the server-span error rules, and takes our own tracer rather than the global pro
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import Token
 from typing import Any
@@ -73,6 +74,11 @@ class _MethodObserver:
         self._traced = info.is_api and telemetry.tracing.enabled
         self._api = info.is_api
         self._span_name = f"{info.service}/{info.method}"
+        self._attributes = {
+            "rpc.system": "grpc",
+            "rpc.service": info.service,
+            "rpc.method": info.method,
+        }
         metrics = self._metrics
         self._in_flight: Any = None
         self._seconds: Any = None
@@ -170,19 +176,18 @@ class _MethodObserver:
         self, context: grpc.aio.ServicerContext
     ) -> tuple[trace.Span, otel_context.Context | None]:
         """The SERVER span, child of the caller's context (also returned), not yet current."""
+        fields = self._tracing.propagation_fields
         carrier = {}
         for key, value in context.invocation_metadata() or ():
-            if isinstance(value, str):  # binary (-bin) metadata carries no trace context
+            if key in fields and isinstance(value, str):  # -bin metadata carries no context
                 carrier[key] = value
-        parent = self._tracing.extract(carrier)
-        attributes: dict[str, Any] = {
-            "rpc.system": "grpc",
-            "rpc.service": self._service,
-            "rpc.method": self._method,
-        }
-        attributes.update(_peer_attributes(context.peer()))
+        # No trace context sent: the span is a root (what extracting nothing gives, cheaper).
+        parent = self._tracing.extract(carrier) if carrier else None
         span = self._tracing.tracer.start_span(
-            self._span_name, context=parent, kind=SpanKind.SERVER, attributes=attributes
+            self._span_name,
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes={**self._attributes, **_peer_attributes(context.peer())},
         )
         return span, parent
 
@@ -239,8 +244,10 @@ def _details(context: grpc.aio.ServicerContext) -> str:
         return ""
 
 
-def _peer_attributes(peer: str | None) -> dict[str, Any]:
-    """`ipv4:10.0.0.1:5000` / `ipv6:[::1]:5000` as network.peer.address and .port."""
+@functools.lru_cache(maxsize=1024)
+def _peer_attributes(peer: str | None) -> Mapping[str, Any]:
+    """`ipv4:10.0.0.1:5000` / `ipv6:[::1]:5000` as network.peer.address and .port (cached: a
+    connection's calls share its peer; read only)."""
     if not peer or ":" not in peer:
         return {}
     kind, _, rest = peer.partition(":")

@@ -31,14 +31,18 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
-from collections.abc import Iterator, Mapping, MutableMapping
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from contextvars import Token
+from dataclasses import dataclass, field
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from server import __version__
 from server.errors import ConfigError
@@ -100,8 +104,10 @@ SERVER_ERROR_CODES = frozenset(
 )
 TRITON_RPC_SERVICE = "inference.GRPCInferenceService"
 TRITON_INFER_METHOD = "ModelInfer"
+TRITON_CALL_SPAN = f"{TRITON_RPC_SERVICE}/{TRITON_INFER_METHOD}"
 
 _TRUE = {"1", "true", "yes", "on"}
+_W3C = TraceContextTextMapPropagator()
 
 
 class Tracing:
@@ -136,10 +142,13 @@ class Tracing:
         self.schedule_delay_ms = schedule_delay_ms
         self._owns_provider = owns_provider
         self._propagator: TextMapPropagator | None = None
+        # The metadata keys the propagators read (traceparent, tracestate, baggage by default).
+        self.propagation_fields: frozenset[str] = frozenset()
         if self.enabled:
             from opentelemetry import propagate
 
             self._propagator = propagate.get_global_textmap()
+            self.propagation_fields = frozenset(self._propagator.fields)
 
     @classmethod
     def disabled(cls) -> Tracing:
@@ -200,17 +209,18 @@ class Tracing:
             return None
         return self._propagator.extract(carrier)
 
-    def inject(self, carrier: MutableMapping[str, str]) -> None:
-        """Add the current context (`traceparent`, ...) to outgoing metadata when sampled.
+    def trace_headers(self, context: Context) -> dict[str, str]:
+        """The W3C trace context (`traceparent`, `tracestate`) of `context`'s span, as metadata
+        for a Triton request; empty when that span is not sampled.
 
-        An unsampled context is not forwarded: Triton traces every request that carries one,
-        whatever its sampled flag says.
+        W3C only, whatever `OTEL_PROPAGATORS` says: it is all Triton reads. An unsampled context
+        is not forwarded: Triton traces every request that carries one, whatever its sampled
+        flag says.
         """
-        if self._propagator is None:
-            return
-        if not trace.get_current_span().get_span_context().trace_flags.sampled:
-            return
-        self._propagator.inject(carrier)
+        carrier: dict[str, str] = {}
+        if self.enabled and trace.get_current_span(context).get_span_context().trace_flags.sampled:
+            _W3C.inject(carrier, context)
+        return carrier
 
     @property
     def samples_everything(self) -> bool:
@@ -268,25 +278,21 @@ class Telemetry:
 
     tracing: Tracing
     metrics: Metrics | None = None
+    # A Triton call's span attributes by (model, url, batch size), built once: a span copies
+    # them, so one read-only mapping serves every call.
+    _triton_attributes: dict[tuple[str, str, int | None], Mapping[str, AttributeValue]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
-    @contextmanager
     def stage(
         self, name: str, attributes: Mapping[str, AttributeValue] | None = None
-    ) -> Iterator[trace.Span]:
+    ) -> AbstractContextManager[trace.Span]:
         """A child span `name` and its duration in `voicegate_stage_seconds{stage=name}`.
 
         An exception leaving the block is recorded on the span, whose status becomes ERROR.
         Works in worker threads when the caller's context was copied into them.
         """
-        start = time.perf_counter()
-        # start_span + use_span: the same span as start_as_current_span, one wrapper less.
-        span = self.tracing.tracer.start_span(name, attributes=attributes)
-        try:
-            with trace.use_span(span, end_on_exit=True):
-                yield span
-        finally:
-            if self.metrics is not None:
-                self.metrics.observe_stage(RPC_METHOD.get(), name, time.perf_counter() - start)
+        return _Stage(self, name, attributes)
 
     @contextmanager
     def timed(self, name: str) -> Iterator[None]:
@@ -310,82 +316,171 @@ class Telemetry:
         if span.is_recording():
             span.set_attributes(attributes)
 
-    @contextmanager
     def triton_call(
         self,
         model: str,
         url: str,
         batch_size: int | None,
         headers: Mapping[str, str] | None = None,
-    ) -> Iterator[TritonCall]:
+    ) -> TritonCall:
         """One Triton inference request: a CLIENT span, the metadata to send, the metrics.
 
-        The yielded call's `headers` hold `headers` plus the span's `traceparent`; mark the
-        outcome with `call.fail(code)` or `call.model_version = ...`.
+        Use it as `with telemetry.triton_call(...) as call:`. The call's `headers` hold
+        `headers` plus the span's `traceparent`, keys in lower case (as gRPC metadata needs);
+        mark the outcome with `call.fail(code)` or `call.model_version = ...`.
         """
-        host, _, port = url.rpartition(":")
-        attributes: dict[str, AttributeValue] = {
-            "rpc.system": "grpc",
-            "rpc.service": TRITON_RPC_SERVICE,
-            "rpc.method": TRITON_INFER_METHOD,
-            "server.address": host.strip("[]"),
-            ATTR_TRITON_MODEL: model,
-        }
-        if port.isdigit():
-            attributes["server.port"] = int(port)
-        if batch_size is not None:
-            attributes[ATTR_TRITON_BATCH] = batch_size
-        start = time.perf_counter()
-        with self.tracing.tracer.start_as_current_span(
-            f"{TRITON_RPC_SERVICE}/{TRITON_INFER_METHOD}",
-            kind=SpanKind.CLIENT,
-            attributes=attributes,
-        ) as span:
-            carrier: dict[str, str] = {}
-            self.tracing.inject(carrier)
-            carrier.update(headers or {})
-            call = TritonCall(span, carrier)
-            try:
-                yield call
-            except asyncio.CancelledError:
-                if call.code == "OK":
-                    call.fail("CANCELLED")
-                raise
-            except BaseException:
-                if call.code == "OK":
-                    call.fail("UNKNOWN")
-                raise
-            finally:
-                call.finish(span)
-                if self.metrics is not None:
-                    self.metrics.observe_triton(
-                        model, call.code, time.perf_counter() - start, batch_size
-                    )
+        return TritonCall(self, model, url, batch_size, headers)
+
+    def triton_attributes(
+        self, model: str, url: str, batch_size: int | None
+    ) -> Mapping[str, AttributeValue]:
+        """The span attributes of a Triton call (RPC conventions, model, batch size)."""
+        key = (model, url, batch_size)
+        attributes = self._triton_attributes.get(key)
+        if attributes is None:
+            if len(self._triton_attributes) >= 1024:  # bounded: batch sizes vary
+                self._triton_attributes.clear()
+            attributes = self._triton_attributes[key] = _triton_attributes(*key)
+        return attributes
+
+
+class _Stage:
+    """The context manager of `Telemetry.stage` (a class: cheaper than a generator)."""
+
+    __slots__ = ("_attributes", "_metrics", "_name", "_span", "_start", "_token", "_tracing")
+
+    def __init__(
+        self, telemetry: Telemetry, name: str, attributes: Mapping[str, AttributeValue] | None
+    ) -> None:
+        self._tracing = telemetry.tracing
+        self._metrics = telemetry.metrics
+        self._name = name
+        self._attributes = attributes
+        self._span: trace.Span = trace.INVALID_SPAN
+        self._token: Token[otel_context.Context] | None = None
+        self._start = 0.0
+
+    def __enter__(self) -> trace.Span:
+        self._start = time.perf_counter()
+        if self._tracing.enabled:  # tracing off: no span, no context to switch
+            self._span = self._tracing.tracer.start_span(self._name, attributes=self._attributes)
+            self._token = otel_context.attach(trace.set_span_in_context(self._span))
+        return self._span
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._token is not None:
+            otel_context.detach(self._token)
+            _end(self._span, exc)
+        if self._metrics is not None:
+            elapsed = time.perf_counter() - self._start
+            self._metrics.observe_stage(RPC_METHOD.get(), self._name, elapsed)
 
 
 class TritonCall:
-    """The outcome of one Triton request, filled in by the caller of `triton_call`."""
+    """One Triton request (`Telemetry.triton_call`): its span while the `with` block runs, the
+    metadata to send, and its outcome, filled in by the caller."""
 
-    __slots__ = ("code", "headers", "model_version", "span")
+    __slots__ = (
+        "_batch_size",
+        "_model",
+        "_start",
+        "_telemetry",
+        "_token",
+        "_url",
+        "code",
+        "headers",
+        "model_version",
+        "span",
+    )
 
-    def __init__(self, span: trace.Span, headers: dict[str, str]) -> None:
-        self.span = span
-        self.headers = headers
+    def __init__(
+        self,
+        telemetry: Telemetry,
+        model: str,
+        url: str,
+        batch_size: int | None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self._telemetry = telemetry
+        self._model = model
+        self._url = url
+        self._batch_size = batch_size
+        self._token: Token[otel_context.Context] | None = None
+        self._start = 0.0
+        self.span: trace.Span = trace.INVALID_SPAN
+        self.headers: dict[str, str] = {k.lower(): v for k, v in headers.items()} if headers else {}
         self.code = "OK"
         self.model_version = ""
 
     def fail(self, code: str) -> None:
         self.code = code if code in GRPC_CODES else "UNKNOWN"
 
-    def finish(self, span: trace.Span) -> None:
+    def __enter__(self) -> TritonCall:
+        self._start = time.perf_counter()
+        tracing = self._telemetry.tracing
+        if tracing.enabled:
+            attributes = self._telemetry.triton_attributes(self._model, self._url, self._batch_size)
+            span = self.span = tracing.tracer.start_span(
+                TRITON_CALL_SPAN, kind=SpanKind.CLIENT, attributes=attributes
+            )
+            context = trace.set_span_in_context(span)
+            self._token = otel_context.attach(context)
+            # Before the caller's headers, which win (as before: caller metadata is kept).
+            self.headers = {**tracing.trace_headers(context), **self.headers}
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is not None and self.code == "OK":
+            self.fail("CANCELLED" if isinstance(exc, asyncio.CancelledError) else "UNKNOWN")
+        if self._token is not None:
+            otel_context.detach(self._token)
+            self._finish(exc)
+        metrics = self._telemetry.metrics
+        if metrics is not None:
+            elapsed = time.perf_counter() - self._start
+            metrics.observe_triton(self._model, self.code, elapsed, self._batch_size)
+
+    def _finish(self, exc: BaseException | None) -> None:
+        span = self.span
         if not span.is_recording():
             return
-        span.set_attribute("rpc.grpc.status_code", GRPC_CODES[self.code])
+        outcome: dict[str, AttributeValue] = {"rpc.grpc.status_code": GRPC_CODES[self.code]}
         if self.model_version:
-            span.set_attribute(ATTR_TRITON_VERSION, self.model_version)
+            outcome[ATTR_TRITON_VERSION] = self.model_version
         if self.code != "OK":
-            span.set_attribute("error.type", self.code)
+            outcome["error.type"] = self.code
             span.set_status(Status(StatusCode.ERROR, self.code))
+        span.set_attributes(outcome)  # one call: each set_attribute takes the span's lock
+        _end(span, exc)
+
+
+def _end(span: trace.Span, exc: BaseException | None) -> None:
+    """End `span`; an Exception that escaped its block is recorded and makes it ERROR (as
+    `trace.use_span` does; BaseExceptions such as a cancellation are not errors)."""
+    if isinstance(exc, Exception) and span.is_recording():
+        span.record_exception(exc)
+        span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+    span.end()
+
+
+def _triton_attributes(model: str, url: str, batch_size: int | None) -> dict[str, AttributeValue]:
+    host, _, port = url.rpartition(":")
+    attributes: dict[str, AttributeValue] = {
+        "rpc.system": "grpc",
+        "rpc.service": TRITON_RPC_SERVICE,
+        "rpc.method": TRITON_INFER_METHOD,
+        "server.address": host.strip("[]"),
+        ATTR_TRITON_MODEL: model,
+    }
+    if port.isdigit():
+        attributes["server.port"] = int(port)
+    if batch_size is not None:
+        attributes[ATTR_TRITON_BATCH] = batch_size
+    return attributes
 
 
 def add_retry_event(attempt: int, reason: str, delay_s: float | None = None) -> None:

