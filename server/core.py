@@ -42,6 +42,7 @@ from server.telemetry import (
 )
 from server.vad import VadParams, pad_to_frames
 from server.vad_core import SpeechProbabilities, StreamSpec
+from server.vad_model import RECORDING_WINDOW_FRAMES
 
 __all__ = ["AudioInput", "EmbedResult", "Encoder", "SpeakerCore", "VerifyResult"]
 
@@ -347,7 +348,9 @@ class SpeakerCore:
             )
         wav, padded = await self._run(lambda: _with_padded(decode()), deadline)
         with telemetry.stage("vad", {ATTR_AUDIO_FIELD: field}):
-            probabilities, _ = await self._vad.probabilities(padded, timeout_s=time_left(deadline))
+            probabilities, _ = await self._vad.probabilities(
+                padded, timeout_s=time_left(deadline), window_frames=RECORDING_WINDOW_FRAMES
+            )
         del padded
         vad = (probabilities, self._vad_params, self._vad_window_frames)
         return await self._run(

@@ -17,9 +17,11 @@ What equals Embed, and why (tested: the embeddings are bit-identical, both trims
   runs Embed's own code on it at the end.
 - trim "vad": Embed itself runs this module's code on the whole recording (`vad_features`),
   so there is one computation, fed in different pieces, and each step is made independent
-  of how the audio was cut: the VAD probabilities come in the windows Embed sends (the same
-  Triton requests); `vad.StreamingSegmenter` reports each boundary as soon as it is certain
-  and ends with exactly `vad.speech_segments`; the mel frames are computed in fixed blocks of
+  of how the audio was cut: the VAD probabilities do not depend on the Triton request's
+  window (bit for bit; Embed sends 512 frames at a time, a stream 64, vad_model.py), and the
+  features are fed in the stream's 64-frame windows in both; `vad.StreamingSegmenter` reports
+  each boundary as soon as it is certain and ends with exactly `vad.speech_segments`; the
+  mel frames are computed in fixed blocks of
   64 frames aligned to the start (`IncrementalMel`), the loudness energies per 160-sample
   block (`features.hop_energies`); each partial window's gain comes from its own samples
   (`features.normalised_partial`), so it is known once the window is; the encoder is

@@ -44,7 +44,7 @@ from server.vad import (
     pad_to_frames,
     speech_segments,
 )
-from server.vad_model import VadState
+from server.vad_model import RECORDING_WINDOW_FRAMES, VadState
 
 T = TypeVar("T")
 
@@ -61,6 +61,7 @@ class SpeechProbabilities(Protocol):
         samples: np.ndarray,
         state: VadState | None = None,
         timeout_s: float | None = None,
+        window_frames: int | None = None,
     ) -> tuple[np.ndarray, VadState]: ...
 
 
@@ -134,7 +135,9 @@ class VoiceActivityCore:
 
         n_samples, padded = await self._run(decode, deadline)
         with self._telemetry.stage("vad", {ATTR_AUDIO_SECONDS: n_samples / SAMPLE_RATE}) as span:
-            probabilities, _ = await self._vad.probabilities(padded, timeout_s=time_left(deadline))
+            probabilities, _ = await self._vad.probabilities(
+                padded, timeout_s=time_left(deadline), window_frames=RECORDING_WINDOW_FRAMES
+            )
             segments = await run_in_pool(
                 self._executor,
                 lambda: speech_segments(probabilities, n_samples, params),

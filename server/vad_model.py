@@ -42,6 +42,12 @@ PROBS_OUTPUT, STATE_OUTPUT = "probabilities", "state_out"
 # instance longer (head-of-line blocking for other streams) and leave longer odd-sized
 # remainders, which Triton cannot batch with other streams' windows.
 DEFAULT_WINDOW_FRAMES = 64
+# Frames per request when a whole recording is at hand (Embed, Verify, DetectSpeech): 512
+# frames = 16.4 s, so a typical utterance takes one request instead of one per 2 s. The
+# probabilities do not depend on the window (checked bit for bit at export, and by
+# tests/test_vad_model.py), so StreamingEmbed's 64-frame windows still give Embed's numbers.
+# A 512-frame window holds the model instance ~30 ms, the most a stream's window waits behind it.
+RECORDING_WINDOW_FRAMES = 512
 
 
 @dataclass(frozen=True)
@@ -142,9 +148,11 @@ class TritonVad:
         samples: np.ndarray,
         state: VadState | None = None,
         timeout_s: float | None = None,
+        window_frames: int | None = None,
     ) -> tuple[np.ndarray, VadState]:
         """One speech probability per 512-sample frame of `samples` (16 kHz float32, length a
-        multiple of 512; the caller buffers the remainder). `state` carries across calls.
+        multiple of 512; the caller buffers the remainder). `state` carries across calls;
+        `window_frames`: frames per Triton request (default `self.window_frames`).
 
         Returns float32 [len(samples) // 512] probabilities and the state to pass next time
         (None: the start of a stream). `timeout_s` bounds the whole call (default: the client's
@@ -166,7 +174,7 @@ class TritonVad:
         recurrent = np.ascontiguousarray(state.recurrent[None])
         context = state.context
         deadline = deadline_after(timeout_s)
-        window_samples = self.window_frames * FRAME_SAMPLES
+        window_samples = (window_frames or self.window_frames) * FRAME_SAMPLES
         parts = []
         # Sequential on purpose: each window starts from the state the previous one left. The
         # frames are built one window at a time, so a long recording never has all its frames
@@ -196,6 +204,7 @@ __all__ = [
     "CONTEXT_SAMPLES",
     "FRAME_SAMPLES",
     "MODEL_NAME",
+    "RECORDING_WINDOW_FRAMES",
     "SAMPLE_RATE",
     "OnnxVad",
     "TritonVad",

@@ -193,6 +193,20 @@ async def test_state_carried_across_calls_gives_one_calls_result(
 
 
 @pytest.mark.integration
+async def test_recording_windows_give_the_streams_probabilities(
+    client: TritonClient, recordings: list[np.ndarray]
+) -> None:
+    """Embed sends a recording in 512-frame windows, StreamingEmbed in 64: bit-identical."""
+    from server.vad_model import RECORDING_WINDOW_FRAMES
+
+    detector = TritonVad(client)
+    for samples in recordings:
+        streamed, _ = await detector.probabilities(samples)
+        whole, _ = await detector.probabilities(samples, window_frames=RECORDING_WINDOW_FRAMES)
+        np.testing.assert_array_equal(whole, streamed)
+
+
+@pytest.mark.integration
 async def test_concurrent_streams_are_batched_and_batch_invariant(
     client: TritonClient, recordings: list[np.ndarray]
 ) -> None:
