@@ -160,19 +160,6 @@ async def test_probabilities_equal_the_per_chunk_model_on_speech(
 
 
 @pytest.mark.integration
-async def test_in_process_model_gives_tritons_probabilities(
-    client: TritonClient, recordings: list[np.ndarray]
-) -> None:
-    """`OnnxVad` (calibration's trim "vad") sees what the service gets from Triton."""
-    from server.vad_model import OnnxVad
-
-    local = OnnxVad(VAD_MODEL_FILE)
-    for samples in recordings:
-        served, _ = await TritonVad(client).probabilities(samples)
-        np.testing.assert_array_equal(local.probabilities(samples), served)
-
-
-@pytest.mark.integration
 async def test_state_carried_across_calls_gives_one_calls_result(
     client: TritonClient, recordings: list[np.ndarray]
 ) -> None:
@@ -193,17 +180,19 @@ async def test_state_carried_across_calls_gives_one_calls_result(
 
 
 @pytest.mark.integration
-async def test_recording_windows_give_the_streams_probabilities(
+async def test_same_probabilities_in_any_window_and_in_process(
     client: TritonClient, recordings: list[np.ndarray]
 ) -> None:
-    """Embed sends a recording in 512-frame windows, StreamingEmbed in 64: bit-identical."""
-    from server.vad_model import RECORDING_WINDOW_FRAMES
+    """Bit for bit: a stream's 64-frame windows, Embed's 512-frame windows, and `OnnxVad`
+    (calibration's trim "vad", in process)."""
+    from server.vad_model import RECORDING_WINDOW_FRAMES, OnnxVad
 
-    detector = TritonVad(client)
+    detector, local = TritonVad(client), OnnxVad(VAD_MODEL_FILE)
     for samples in recordings:
         streamed, _ = await detector.probabilities(samples)
         whole, _ = await detector.probabilities(samples, window_frames=RECORDING_WINDOW_FRAMES)
         np.testing.assert_array_equal(whole, streamed)
+        np.testing.assert_array_equal(local.probabilities(samples), streamed)
 
 
 @pytest.mark.integration
