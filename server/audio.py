@@ -278,16 +278,10 @@ def load_file(path: str, max_seconds: float = 3600.0) -> np.ndarray:
         return decode_content(handle.read(), AudioLimits(max_seconds=max_seconds), str(path))
 
 
-def normalize_volume(wav: np.ndarray, target_dbfs: float = TARGET_DBFS) -> np.ndarray:
-    """Raise quiet audio to `target_dbfs` RMS (never lowers it), as GE2E was trained."""
-    gain = volume_gain(float(np.mean((wav.astype(np.float64) * INT16_MAX) ** 2)), target_dbfs)
-    if gain is None:
-        return wav
-    return (wav * gain).astype(np.float32)
-
-
 def volume_gain(mean_square: float, target_dbfs: float = TARGET_DBFS) -> np.float32 | None:
-    """The factor `normalize_volume` applies to audio whose mean square, in int16 units
+    """The factor that raises quiet audio to `target_dbfs` RMS (never lowers it), as GE2E was
+    trained (server/features.py applies it per partial window), for audio whose mean square,
+    in int16 units
     ((sample * 32767) ** 2), is `mean_square`; None when it leaves the audio as it is."""
     rms = float(np.sqrt(mean_square))
     if rms == 0.0:

@@ -10,7 +10,6 @@ from server.audio import (
     SampleFormat,
     decode_content,
     decode_raw,
-    normalize_volume,
 )
 from server.errors import InvalidArgument, InvalidAudio, NotEnoughSpeech
 from server.features import (
@@ -19,6 +18,8 @@ from server.features import (
     partial_slices,
     power_mel,
     prepare_utterance,
+    recording_gain,
+    scaled,
     trim_silence,
 )
 from tests.speech import tone, wav_bytes
@@ -113,12 +114,14 @@ def test_bad_raw_audio_names_the_problem(raw: RawAudioSpec, message: str) -> Non
         decode_raw(raw, LIMITS)
 
 
-def test_normalize_volume_raises_quiet_audio_only() -> None:
+def test_recording_gain_raises_quiet_audio_only() -> None:
     quiet = tone(1.0)[:, 0] * 0.001
     loud = tone(1.0)[:, 0]
-    assert np.abs(normalize_volume(quiet)).max() > np.abs(quiet).max()
-    assert np.array_equal(normalize_volume(loud), loud)
-    assert np.array_equal(normalize_volume(np.zeros(10, np.float32)), np.zeros(10))
+    raised = scaled(quiet, recording_gain(quiet))
+    rms_dbfs = 20 * np.log10(np.sqrt(np.mean((raised.astype(np.float64) * 32767) ** 2)) / 32767)
+    assert rms_dbfs == pytest.approx(-30.0, abs=0.01)
+    assert recording_gain(loud) is None and scaled(loud, None) is loud
+    assert recording_gain(np.zeros(10, np.float32)) is None
 
 
 def test_trim_silence_drops_long_silences_and_keeps_short_pauses() -> None:
