@@ -65,7 +65,7 @@ def both_rules(wav: np.ndarray, vad: Any) -> dict[str, np.ndarray]:
         prepared = prepare_wave(wav, MIN_HALF_SECONDS, with_mfcc=False, vad=trim)
         features = vad_features(wav, *trim)
         spans = [(s.start_sample, s.end_sample) for s in features.segments]
-        old = recording_rule_partials(segments_speech(wav, spans), features.gain())
+        old = recording_rule_partials(segments_speech(wav, spans), recording_gain(wav))
     return {"recording": old, "window": prepared.partials}
 
 

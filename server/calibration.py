@@ -32,10 +32,12 @@ from typing import Any
 import numpy as np
 
 from server.audio import SAMPLE_RATE, load_file
+from server.core import prepare_wave
 from server.errors import NotEnoughSpeech, VoicegateError
 from server.features import Utterance, average_embedding
 from server.fusion import TRIMS, Calibration
 from server.mfcc import Normalization, mfcc_statistics, standardised_units
+from server.vad import VadParams, pad_to_frames
 from server.vad_model import OnnxVad
 
 DEGRADATIONS = ("noise", "bandpass", "codec", "gain")
@@ -342,9 +344,6 @@ def prepare_half(wav: np.ndarray, vad: OnnxVad | None = None) -> Utterance:
     trim "energy", or with `vad` trim "vad" (the exported VAD run in process, in the windows
     the service sends to Triton, silero's default segment rules); NotEnoughSpeech under
     MIN_HALF_SECONDS of speech."""
-    from server.core import prepare_wave
-    from server.vad import VadParams, pad_to_frames
-
     trim = None
     if vad is not None:
         trim = (vad.probabilities(pad_to_frames(wav)), VadParams(), vad.window_frames)

@@ -428,19 +428,11 @@ def prepare_wave(
     if with_mfcc:
         with telemetry.stage("mfcc", attributes):
             if features is not None:
-                speech = _vad_speech(wav, features)
-            else:
-                assert speech is not None
-                speech = scaled(speech, recording_gain(wav))
+                spans = [(s.start_sample, s.end_sample) for s in features.segments]
+                speech = segments_speech(wav, spans)
+            assert speech is not None
+            speech = scaled(speech, recording_gain(wav))  # the MFCC's: the recording's gain
             mfcc = mfcc_statistics(speech)
     return _Prepared(
         partials=partials, speech_seconds=seconds, mfcc=mfcc, speech=speech if with_mfcc else None
     )
-
-
-def _vad_speech(wav: np.ndarray, features: VadSpeechFeatures) -> np.ndarray:
-    """Trim "vad": the speech segments' samples, scaled by the volume normalisation of the
-    whole recording (`features.gain()`), as the MFCC takes them."""
-    speech = segments_speech(wav, [(s.start_sample, s.end_sample) for s in features.segments])
-    gain = features.gain()
-    return speech if gain is None else (speech * gain).astype(np.float32)

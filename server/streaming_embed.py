@@ -46,7 +46,7 @@ import weakref
 
 import numpy as np
 
-from server.audio import INT16_MAX, SAMPLE_RATE, volume_gain
+from server.audio import SAMPLE_RATE
 from server.config import Settings
 from server.features import (
     HOP,
@@ -243,7 +243,6 @@ class VadSpeechFeatures:
         self._open: int | None = None  # while a segment is open: speech emitted up to here
         self._last_end = 0
         self.speech_samples = 0
-        self.sum_squares = 0.0  # of the audio sent to the VAD, in int16 units (the MFCC's gain)
         self.state: VadState | None = None  # the VAD's state, carried between windows
         self.segments: list[Segment] = []  # all of them, after the last window
         self._finished = False
@@ -272,10 +271,6 @@ class VadSpeechFeatures:
         self, probabilities: np.ndarray, count: int, state: VadState | None, final: bool
     ) -> None:
         """The VAD's probabilities for the samples of `window` (`count` of them audio)."""
-        audio = self._slice(self._sent, self._sent + count)
-        for start in range(0, count, self._window):  # fixed blocks: the same sum however cut
-            wide = audio[start : start + self._window].astype(np.float64) * INT16_MAX
-            self.sum_squares += float(np.dot(wide, wide))
         self._sent += count
         self.state = state
         self._finished = final
@@ -308,11 +303,6 @@ class VadSpeechFeatures:
         samples = self._slice(start, end)
         self.speech_samples += len(samples)
         self.cutter.feed(samples)
-
-    def gain(self) -> np.float32 | None:
-        """The volume normalisation's factor for the whole recording (None: unchanged): the
-        MFCC's (Verify); the partial windows are normalised one by one."""
-        return volume_gain(self.sum_squares / self.received) if self.received else None
 
     def take_partials(self) -> list[np.ndarray]:
         """The partial windows cut since the last call (`PartialCutter.take`)."""

@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import Token
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
@@ -278,11 +279,6 @@ class Telemetry:
 
     tracing: Tracing
     metrics: Metrics | None = None
-    # A Triton call's span attributes by (model, url, batch size), built once: a span copies
-    # them, so one read-only mapping serves every call.
-    _triton_attributes: dict[tuple[str, str, int | None], Mapping[str, AttributeValue]] = field(
-        default_factory=dict, init=False, repr=False, compare=False
-    )
 
     def stage(
         self, name: str, attributes: Mapping[str, AttributeValue] | None = None
@@ -330,18 +326,6 @@ class Telemetry:
         mark the outcome with `call.fail(code)` or `call.model_version = ...`.
         """
         return TritonCall(self, model, url, batch_size, headers)
-
-    def triton_attributes(
-        self, model: str, url: str, batch_size: int | None
-    ) -> Mapping[str, AttributeValue]:
-        """The span attributes of a Triton call (RPC conventions, model, batch size)."""
-        key = (model, url, batch_size)
-        attributes = self._triton_attributes.get(key)
-        if attributes is None:
-            if len(self._triton_attributes) >= 1024:  # bounded: batch sizes vary
-                self._triton_attributes.clear()
-            attributes = self._triton_attributes[key] = _triton_attributes(*key)
-        return attributes
 
 
 class _Stage:
@@ -421,7 +405,7 @@ class TritonCall:
         self._start = time.perf_counter()
         tracing = self._telemetry.tracing
         if tracing.enabled:
-            attributes = self._telemetry.triton_attributes(self._model, self._url, self._batch_size)
+            attributes = _triton_attributes(self._model, self._url, self._batch_size)
             span = self.span = tracing.tracer.start_span(
                 TRITON_CALL_SPAN, kind=SpanKind.CLIENT, attributes=attributes
             )
@@ -467,7 +451,12 @@ def _end(span: trace.Span, exc: BaseException | None) -> None:
     span.end()
 
 
-def _triton_attributes(model: str, url: str, batch_size: int | None) -> dict[str, AttributeValue]:
+@functools.lru_cache(maxsize=1024)
+def _triton_attributes(
+    model: str, url: str, batch_size: int | None
+) -> Mapping[str, AttributeValue]:
+    """A Triton call's span attributes (RPC conventions, model, batch size), built once per
+    kind of call: a span copies them, so one read-only mapping serves every call."""
     host, _, port = url.rpartition(":")
     attributes: dict[str, AttributeValue] = {
         "rpc.system": "grpc",
