@@ -175,7 +175,18 @@ class ServeProcess:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+        self._report_errors()
         self._tmp.cleanup()
+
+    def _report_errors(self) -> None:
+        """Print the server's warnings and errors (with tracebacks) before its log goes."""
+        if not self.log_path.exists():
+            return
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        first = next((i for i, line in enumerate(lines) if _is_problem_line(line)), None)
+        if first is not None:
+            shown = "\n".join(lines[first : first + 80])
+            print(f"voicegate serve at {self.target} logged:\n{shown}", file=sys.stderr)
 
     def __enter__(self) -> ServeProcess:
         self.start()
@@ -183,6 +194,13 @@ class ServeProcess:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+def _is_problem_line(line: str) -> bool:
+    return any(f" {level} " in line or f'"level": "{level}"' in line for level in _PROBLEMS)
+
+
+_PROBLEMS = ("WARNING", "ERROR", "CRITICAL")
 
 
 @contextlib.asynccontextmanager

@@ -1,7 +1,8 @@
 """What tracing costs: Embed throughput with tracing at 100 % sampling against tracing off.
 
 Two `voicegate serve` processes (each with its embedded Triton, model ge2e_int8 only) run side
-by side for the whole run:
+by side; the pair is replaced by fresh processes `--restarts` times over the rounds, because a
+process's own speed moved whole runs of the same code by several per cent (+3.5 % to +8.1 %):
 
 - `off`: `OTEL_SDK_DISABLED=true`: no spans, no trace context to Triton, Triton untraced.
 - `on`:  `OTEL_TRACES_SAMPLER=always_on` and `OTEL_EXPORTER_OTLP_ENDPOINT` at an OTLP/HTTP
@@ -25,7 +26,7 @@ one comes (`wait_for_quiet`). Per round: utterances/s and the CPU time the serve
 each round (on vs off of the same round), then its median and range over rounds are reported:
 other jobs share the two cores, so single figures move; the CPU per utterance moves less.
 
-    .venv/bin/python -m benchmarks.tracing_cost [--rounds 10] [--clips 400] [--concurrency 8]
+    .venv/bin/python -m benchmarks.tracing_cost [--rounds 16] [--restarts 4] [--clips 400]
 """
 
 from __future__ import annotations
@@ -167,6 +168,25 @@ def measure(server: ServeProcess, clips: Sequence[bytes], args: argparse.Namespa
     }
 
 
+def run_round(
+    servers: dict[str, ServeProcess],
+    configs: Sequence[str],
+    clips: Sequence[bytes],
+    args: argparse.Namespace,
+    index: int,
+) -> dict[str, dict]:
+    """Every config measured once, in an order that alternates with the round's index."""
+    order = configs if index % 2 == 0 else list(reversed(configs))
+    results = {name: measure(servers[name], clips, args) for name in order}
+    line = "  ".join(
+        f"{name} {r['utt_per_s']:6.2f} utt/s {r['server_cpu_ms_per_utt']:6.1f} cpu-ms/utt"
+        f" (others {r['others_cores']:.2f} cores)"
+        for name, r in results.items()
+    )
+    log(f"round {index + 1}/{args.rounds}: {line}")
+    return results
+
+
 def summary(values: Sequence[float]) -> str:
     return (
         f"median {statistics.median(values):+.1%} "
@@ -182,11 +202,17 @@ def pooled_rate(rounds: Sequence[dict[str, dict]], name: str) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_data_dir_argument(parser)
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument(
         "--clips", type=int, default=400, help="Embed calls per measurement (about 3.5 s)"
     )
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument(
+        "--restarts",
+        type=int,
+        default=4,
+        help="start fresh server processes this many times over the rounds (instance effects)",
+    )
     parser.add_argument("--warm-up", type=int, default=16)
     parser.add_argument("--configs", default="off,on", help="comma-separated: off, nosink, on")
     parser.add_argument("--quiet-wait-s", type=float, default=5.0)
@@ -202,34 +228,34 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     clips = make_clips(data_dir, args.clips, 1.0, CLIP_SECONDS)
     receiver = SinkReceiver()
-    servers = {name: ServeProcess(env=config_env(name, receiver)) for name in configs}
     rounds: list[dict[str, dict]] = []
+    groups = max(1, min(args.restarts, args.rounds))
     try:
-        for name, server in servers.items():
-            log(f"starting {name}")
-            server.start()
-        clips = asyncio.run(accepted_clips(servers["off"].target, clips))
-        for index in range(args.rounds):
-            order = configs if index % 2 == 0 else list(reversed(configs))
-            results: dict[str, dict] = {}
-            for name in order:
-                results[name] = measure(servers[name], clips, args)
-            rounds.append(results)
-            line = "  ".join(
-                f"{name} {r['utt_per_s']:6.2f} utt/s {r['server_cpu_ms_per_utt']:6.1f} cpu-ms/utt"
-                f" (others {r['others_cores']:.2f} cores)"
-                for name, r in results.items()
-            )
-            log(f"round {index + 1}/{args.rounds}: {line}")
+        for group in range(groups):
+            count = args.rounds // groups + (group < args.rounds % groups)
+            # A fresh pair, started in alternating order: a process's own speed (its memory
+            # layout, hash seed, where its threads land) moved whole runs by several per cent.
+            starts = configs if group % 2 == 0 else list(reversed(configs))
+            servers = {name: ServeProcess(env=config_env(name, receiver)) for name in starts}
+            try:
+                for name, server in servers.items():
+                    log(f"starting {name} (servers {group + 1}/{groups})")
+                    server.start()
+                if group == 0:
+                    clips = asyncio.run(accepted_clips(servers["off"].target, clips))
+                for _ in range(count):
+                    rounds.append(run_round(servers, configs, clips, args, len(rounds)))
+            finally:
+                for server in servers.values():
+                    server.stop()
     finally:
-        for server in servers.values():
-            server.stop()
         receiver.close()
     exports = receiver.snapshot()
 
     print(
         f"\nEmbed, {len(clips)} clips of {CLIP_SECONDS:.0f} s, {args.concurrency} in flight, "
-        f"{args.rounds} rounds (config order alternating), model {MODEL}"
+        f"{args.rounds} rounds (config order alternating) on {groups} fresh server pairs, "
+        f"model {MODEL}"
     )
     print(
         f"{'config':8s} {'utt/s median':>13s} {'range':>17s} {'server cpu-ms/utt':>18s} "

@@ -86,20 +86,16 @@ def decode_audio(
     float32 in a "decode" stage of `telemetry`, and counted as decoded audio."""
     from server.telemetry import (
         ATTR_AUDIO_BYTES,
-        ATTR_AUDIO_FIELD,
         ATTR_AUDIO_SECONDS,
         ATTR_AUDIO_SOURCE,
+        field_attributes,
     )
 
     if isinstance(audio, RawAudioSpec):
         source, size = "raw", len(audio.samples)
     else:
         source, size = "content", len(audio)
-    attributes: dict[str, str | int] = {
-        ATTR_AUDIO_FIELD: field,
-        ATTR_AUDIO_SOURCE: source,
-        ATTR_AUDIO_BYTES: size,
-    }
+    attributes = {**field_attributes(field), ATTR_AUDIO_SOURCE: source, ATTR_AUDIO_BYTES: size}
     with telemetry.stage("decode", attributes) as span:
         if isinstance(audio, RawAudioSpec):
             wav = decode_raw(audio, limits, f"{field}.raw", deadline)

@@ -33,12 +33,12 @@ from server.fusion import Calibration
 from server.mfcc import mfcc_score, mfcc_statistics
 from server.streaming_embed import StreamingEmbedSession, VadSpeechFeatures, vad_features
 from server.telemetry import (
-    ATTR_AUDIO_FIELD,
     ATTR_MODEL,
     ATTR_PARTIAL_COUNT,
     ATTR_SPEECH_SECONDS,
     DISABLED,
     Telemetry,
+    field_attributes,
 )
 from server.vad import VadParams, pad_to_frames
 from server.vad_core import SpeechProbabilities, StreamSpec
@@ -347,7 +347,9 @@ class SpeakerCore:
                 lambda: prepare_wave(decode(), min_speech, with_mfcc, telemetry, field), deadline
             )
         wav, padded = await self._run(lambda: _with_padded(decode()), deadline)
-        with telemetry.stage("vad", {ATTR_AUDIO_FIELD: field}):
+        # Metrics only: the VAD's Triton calls are this step's spans (a stage span around them
+        # would only repeat their timing, at the price of a span per call).
+        with telemetry.timed("vad"):
             probabilities, _ = await self._vad.probabilities(
                 padded, timeout_s=time_left(deadline), window_frames=RECORDING_WINDOW_FRAMES
             )
@@ -404,7 +406,7 @@ def prepare_wave(
     The partial windows are loudness-normalised one by one (server/features.py); the MFCC
     takes the whole recording's gain.
     """
-    attributes = {ATTR_AUDIO_FIELD: field}
+    attributes = field_attributes(field)
     features: VadSpeechFeatures | None = None
     speech: np.ndarray | None = None
     with telemetry.stage("trim", attributes) as span:

@@ -66,7 +66,7 @@ RPC_METHOD: contextvars.ContextVar[str] = contextvars.ContextVar(
 )
 
 # Span attributes of our own (OpenTelemetry semantic conventions are used where one exists).
-ATTR_AUDIO_FIELD = "voicegate.audio.field"  # audio | reference | probe
+ATTR_AUDIO_FIELD = "voicegate.audio.field"  # reference | probe | audio[i]
 ATTR_AUDIO_SOURCE = "voicegate.audio.source"  # content | raw
 ATTR_AUDIO_BYTES = "voicegate.audio.bytes"
 ATTR_AUDIO_SECONDS = "voicegate.audio.seconds"
@@ -76,6 +76,14 @@ ATTR_MODEL = "voicegate.model"
 ATTR_TRITON_MODEL = "voicegate.triton.model.name"
 ATTR_TRITON_VERSION = "voicegate.triton.model.version"
 ATTR_TRITON_BATCH = "voicegate.triton.batch_size"
+
+
+def field_attributes(field: str) -> dict[str, AttributeValue]:
+    """A stage's span attributes that name the request's audio field: only where a call has
+    several (Verify's `reference` and `probe`, Enroll's `audio[i]`). A call's lone `audio`
+    needs no name, and every attribute costs each span that carries it."""
+    return {} if field == "audio" else {ATTR_AUDIO_FIELD: field}
+
 
 # gRPC status names and numbers (rpc.grpc.status_code), without importing grpc here.
 _GRPC_CODE_NAMES = (

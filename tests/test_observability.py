@@ -379,17 +379,16 @@ async def test_one_trace_from_caller_through_front_server_into_triton(
     assert server.status == "UNSET"
 
     steps = {s.name: s for s in spans if s.parent_id == server.span_id}
-    assert set(steps) == {"decode", "vad", "trim", "features", TRITON_CALL}  # trim "vad"
-    for name in ("decode", "vad", "trim", "features"):
+    assert set(steps) == {"decode", "trim", "features", TRITON_CALL}  # trim "vad"
+    for name in ("decode", "trim", "features"):
         assert steps[name].kind == "INTERNAL" and steps[name].service == SERVICE
-    # the VAD's windows: Triton calls to silero_vad under the vad span, Triton's under them
-    vad_calls = [s for s in spans if s.parent_id == steps["vad"].span_id]
-    assert vad_calls and {s.name for s in vad_calls} == {TRITON_CALL}
-    assert {s.attributes["voicegate.triton.model.name"] for s in vad_calls} == {"silero_vad"}
-    vad_ids = {s.span_id for s in vad_calls}
-    assert len([s for s in spans if s.name == "InferRequest" and s.parent_id in vad_ids]) == len(
-        vad_calls
-    )
+        assert "voicegate.audio.field" not in steps[name].attributes  # Embed has one field
+    # In order: decode, the VAD's Triton call (silero_vad), trim, features, the encoder's call.
+    children = sorted((s for s in spans if s.parent_id == server.span_id), key=lambda s: s.start_ns)
+    calls = [s for s in children if s.name == TRITON_CALL]
+    models = [s.attributes["voicegate.triton.model.name"] for s in calls]
+    assert models == ["silero_vad", "ge2e_int8"]
+    assert [s.name for s in children] == ["decode", TRITON_CALL, "trim", "features", TRITON_CALL]
     assert steps["decode"].attributes["voicegate.audio.source"] == "content"
     assert steps["decode"].attributes["voicegate.audio.seconds"] == pytest.approx(
         len(samples) / rate, rel=1e-3
@@ -399,7 +398,8 @@ async def test_one_trace_from_caller_through_front_server_into_triton(
     )
     assert steps["features"].attributes["voicegate.partial.count"] == reply.partial_count
 
-    call = steps[TRITON_CALL]
+    vad_call, call = calls
+    assert [s.parent_id for s in spans if s.name == "InferRequest"].count(vad_call.span_id) == 1
     assert call.kind == "CLIENT"
     assert call.attributes["rpc.service"] == "inference.GRPCInferenceService"
     assert call.attributes["rpc.grpc.status_code"] == 0
@@ -435,11 +435,11 @@ async def test_verify_trace_has_both_sides_fusion_and_two_triton_calls(
     steps = [s for s in spans if s.parent_id == server.span_id]
     names = sorted(s.name for s in steps)
     assert names == sorted(
-        ["decode", "vad", "trim", "features", "mfcc"] * 2 + [TRITON_CALL] * 2 + ["fusion"]
+        ["decode", "trim", "features", "mfcc"] * 2 + [TRITON_CALL] * 4 + ["fusion"]
     )
     fields = sorted(s.attributes["voicegate.audio.field"] for s in steps if s.name == "decode")
     assert fields == ["probe", "reference"]
-    calls = {s.span_id for s in spans if s.name == TRITON_CALL}  # the encoder's and the VAD's
+    calls = {s.span_id for s in spans if s.name == TRITON_CALL}  # the encoders' and the VADs'
     assert {s.parent_id for s in spans if s.name == "InferRequest"} == calls
     assert_no_payloads(spans)
 
