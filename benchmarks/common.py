@@ -196,11 +196,12 @@ class ServeProcess:
         self.stop()
 
 
+_PROBLEM_LEVELS = ("WARNING", "ERROR", "CRITICAL")
+
+
 def _is_problem_line(line: str) -> bool:
-    return any(f" {level} " in line or f'"level": "{level}"' in line for level in _PROBLEMS)
-
-
-_PROBLEMS = ("WARNING", "ERROR", "CRITICAL")
+    """A log line at one of `_PROBLEM_LEVELS`, in the text or the JSON log format."""
+    return any(f" {level} " in line or f'"level": "{level}"' in line for level in _PROBLEM_LEVELS)
 
 
 @contextlib.asynccontextmanager
