@@ -27,12 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import add_data_dir_argument, log, require_data_dir
+from benchmarks.common import MODEL_REPOSITORY, add_data_dir_argument, log, require_data_dir
+from benchmarks.eer import load_recordings
 from benchmarks.trim import paired_difference
 
-ROOT = Path(__file__).resolve().parents[1]
-ENCODER = ROOT / "model_repository" / "ge2e_int8" / "1" / "model.onnx"
-VAD = ROOT / "model_repository" / "silero_vad" / "1" / "model.onnx"
+ENCODER = MODEL_REPOSITORY / "ge2e_int8" / "1" / "model.onnx"
+VAD = MODEL_REPOSITORY / "silero_vad" / "1" / "model.onnx"
 RULES = ("recording", "window")
 SIDES = ("a", "b_clean", "b")
 
@@ -73,26 +73,17 @@ def embed_dev_set(
     data_dir: Path, trim: str, limit: int | None
 ) -> tuple[dict[str, dict[str, np.ndarray]], int]:
     """{rule: {side: [n, 256]}} over the recordings where every half has enough speech."""
-    from server.audio import load_file
-    from server.calibration import (
-        DEGRADATIONS,
-        OnnxEncoder,
-        degrade,
-        dev_files,
-        split_halves,
-    )
+    from server.calibration import OnnxEncoder
     from server.errors import NotEnoughSpeech
     from server.vad_model import OnnxVad
 
     encoder = OnnxEncoder(ENCODER)
     vad = OnnxVad(VAD) if trim == "vad" else None
-    rng = np.random.default_rng(0)  # the calibration's draws (seed 0)
     rows: dict[str, dict[str, list[np.ndarray]]] = {r: {s: [] for s in SIDES} for r in RULES}
     skipped = 0
-    for path in dev_files(data_dir)[:limit]:
-        first, second = split_halves(load_file(str(path)))
-        degraded, _ = degrade(second, rng, str(rng.choice(DEGRADATIONS)))
-        wavs = dict(zip(SIDES, (first, second, degraded), strict=True))
+    for recording in load_recordings(data_dir, 0, limit):  # the calibration's draws (seed 0)
+        waves = (recording.a, recording.b_clean, recording.b_degraded)
+        wavs = dict(zip(SIDES, waves, strict=True))
         try:
             halves = {side: both_rules(wav, vad) for side, wav in wavs.items()}
         except NotEnoughSpeech:

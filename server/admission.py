@@ -24,7 +24,7 @@ import grpc
 
 from server.config import Settings
 from server.errors import Overloaded
-from server.grpc_errors import LIGHT_METHODS, HandlerCache, abort_with, method_info, rewrap_handler
+from server.grpc_errors import HandlerCache, abort_with, method_info, rewrap_handler
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -34,11 +34,6 @@ _LOG_INTERVAL_S = 10.0
 # the deserializer (grpc.aio runs it in the call's task, right before the handler), so that
 # admission needs no second serialization of the request (ByteSize() walks the whole message).
 _REQUEST_BYTES: ContextVar[int] = ContextVar("voicegate_request_bytes", default=0)
-
-
-def is_work_method(full_method: str) -> bool:
-    """True for a method of the API's services unless it is one of LIGHT_METHODS."""
-    return method_info(full_method).is_work
 
 
 class Admission:
@@ -194,4 +189,4 @@ def _measuring(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return measured
 
 
-__all__ = ["LIGHT_METHODS", "Admission", "AdmissionInterceptor", "is_work_method"]
+__all__ = ["Admission", "AdmissionInterceptor"]

@@ -22,6 +22,7 @@ from server.errors import InvalidArgument
 from server.features import (
     EmbeddingMean,
     Utterance,
+    average_embedding,
     partial_windows,
     recording_gain,
     require_speech,
@@ -122,7 +123,7 @@ class SpeakerCore:
         if settings.trim == "vad" and vad is None:
             raise ValueError('trim="vad" needs a VAD')
         self._settings = settings
-        self._limits = settings.audio_limits  # read once: a new object per access
+        self._limits = settings.audio_limits
         self._encoder = encoder
         self._calibration = calibration
         self._executor = executor
@@ -363,13 +364,11 @@ class SpeakerCore:
         self, partials: np.ndarray, speech_seconds: float, model: str, deadline: float | None
     ) -> EmbedResult:
         """The encoder's embedding of an utterance's partial windows (one Triton request)."""
-        mean = EmbeddingMean()
-        mean.add(await self._embed_partials(partials, model, deadline))
         return EmbedResult(
-            embedding=mean.result(),
+            embedding=average_embedding(await self._embed_partials(partials, model, deadline)),
             model=model,
             speech_seconds=speech_seconds,
-            partial_count=mean.count,
+            partial_count=len(partials),
         )
 
     async def _embed_partials(

@@ -65,7 +65,7 @@ class SpeakerServicer(SpeakerDirectoryRpcs, speaker_pb2_grpc.SpeakerServiceServi
     """`voicegate.v1.SpeakerService` over a `SpeakerCore` (and a `SpeakerDirectory` for the
     enrolled-speaker RPCs, server/speaker_rpcs.py)."""
 
-    def __init__(self, core: SpeakerCore, directory: SpeakerDirectory | None = None) -> None:
+    def __init__(self, core: SpeakerCore, directory: SpeakerDirectory) -> None:
         self._core = core
         self._directory = directory
         self._operating_point = operating_point_proto(

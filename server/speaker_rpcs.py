@@ -12,7 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from server.api.voicegate.v1 import speaker_pb2
 from server.core import AudioInput, VerifyResult
-from server.errors import InvalidArgument, StoreUnavailable
+from server.errors import InvalidArgument
 from server.speakers import OperatingPoint, SpeakerDirectory
 from server.store import EnrollMode, SpeakerRecord
 
@@ -55,21 +55,16 @@ def model_scores(scores: dict[str, float]) -> list[speaker_pb2.ModelScore]:
 
 
 class SpeakerDirectoryRpcs:
-    """The directory RPCs; the servicer sets `_directory` (None: no store configured) and
-    `_operating_point` (the calibration's, as Verify and Identify answer it)."""
+    """The directory RPCs; the servicer sets `_directory` and `_operating_point` (the
+    calibration's, as Verify and Identify answer it)."""
 
-    _directory: SpeakerDirectory | None
+    _directory: SpeakerDirectory
     _operating_point: speaker_pb2.OperatingPoint
-
-    def _speakers(self) -> SpeakerDirectory:
-        if self._directory is None:
-            raise StoreUnavailable("this server has no speaker store")
-        return self._directory
 
     async def verify_enrolled(
         self, speaker_id: str, probe: AudioInput, timeout_s: float | None
     ) -> VerifyResult:
-        return await self._speakers().verify(speaker_id, probe, timeout_s=timeout_s)
+        return await self._directory.verify(speaker_id, probe, timeout_s=timeout_s)
 
     async def Enroll(
         self, request: speaker_pb2.EnrollRequest, context: grpc.aio.ServicerContext
@@ -80,7 +75,7 @@ class SpeakerDirectoryRpcs:
         if mode is None:
             raise InvalidArgument(f"mode {request.mode} is not a known EnrollMode", field="mode")
         audio = [audio_from_proto(item, f"audio[{i}]") for i, item in enumerate(request.audio)]
-        record = await self._speakers().enroll(
+        record = await self._directory.enroll(
             request.speaker_id, audio, mode, timeout_s=context.time_remaining()
         )
         return speaker_pb2.EnrollResponse(speaker=speaker_proto(record))
@@ -91,7 +86,7 @@ class SpeakerDirectoryRpcs:
         from server.servicer import audio_from_proto
 
         audio = audio_from_proto(request.audio, "audio")
-        result = await self._speakers().identify(
+        result = await self._directory.identify(
             audio, request.top_k, timeout_s=context.time_remaining()
         )
         return speaker_pb2.IdentifyResponse(
@@ -113,13 +108,13 @@ class SpeakerDirectoryRpcs:
     async def GetSpeaker(
         self, request: speaker_pb2.GetSpeakerRequest, context: grpc.aio.ServicerContext
     ) -> speaker_pb2.GetSpeakerResponse:
-        record = await self._speakers().get(request.speaker_id)
+        record = await self._directory.get(request.speaker_id)
         return speaker_pb2.GetSpeakerResponse(speaker=speaker_proto(record))
 
     async def ListSpeakers(
         self, request: speaker_pb2.ListSpeakersRequest, context: grpc.aio.ServicerContext
     ) -> speaker_pb2.ListSpeakersResponse:
-        records, token = await self._speakers().list(request.page_size, request.page_token)
+        records, token = await self._directory.list(request.page_size, request.page_token)
         return speaker_pb2.ListSpeakersResponse(
             speakers=[speaker_proto(r) for r in records], next_page_token=token
         )
@@ -127,5 +122,5 @@ class SpeakerDirectoryRpcs:
     async def DeleteSpeaker(
         self, request: speaker_pb2.DeleteSpeakerRequest, context: grpc.aio.ServicerContext
     ) -> speaker_pb2.DeleteSpeakerResponse:
-        await self._speakers().delete(request.speaker_id)
+        await self._directory.delete(request.speaker_id)
         return speaker_pb2.DeleteSpeakerResponse()

@@ -24,7 +24,6 @@ import numpy as np
 from server.audio import (
     SAMPLE_RATE,
     AudioInput,
-    AudioLimits,
     MonoConverter,
     SampleFormat,
     check_raw_spec,
@@ -180,15 +179,9 @@ class RawStreamDecoder:
         spec: StreamSpec,
         settings: Settings,
         field: str = "config",
-        limits: AudioLimits | None = None,
     ) -> None:
-        """`limits`: the request limits (default: `settings.audio_limits`)."""
         self.format, self.channels = check_raw_spec(
-            spec.format,
-            spec.sample_rate_hz,
-            spec.channels,
-            limits or settings.audio_limits,
-            field,
+            spec.format, spec.sample_rate_hz, spec.channels, settings.audio_limits, field
         )
         self.rate = spec.sample_rate_hz
         self.max_seconds = settings.max_stream_seconds
@@ -245,7 +238,7 @@ class VadStream:
     ) -> None:
         self._core = core
         self._telemetry = core._telemetry
-        self._decoder = RawStreamDecoder(spec, core.settings, limits=core._limits)
+        self._decoder = RawStreamDecoder(spec, core.settings)
         self._segmenter = StreamingSegmenter(params)
         self._deadline = deadline
         self._state: VadState | None = None

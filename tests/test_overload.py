@@ -19,12 +19,13 @@ import grpc
 import numpy as np
 import pytest
 
-from server.admission import Admission, is_work_method
+from server.admission import Admission
 from server.api.voicegate.v1 import speaker_pb2, speaker_pb2_grpc
 from server.config import Settings
 from server.core import SpeakerCore
 from server.errors import DeadlineExceeded
 from server.fusion import Calibration
+from server.grpc_errors import method_info
 from tests import speech
 
 pytestmark = pytest.mark.integration
@@ -74,11 +75,11 @@ async def small(base_settings: Settings, triton: Any, tmp_path: Path) -> AsyncIt
 
 def test_work_methods() -> None:
     for method in ("Embed", "Verify", "Enroll", "Identify", "DetectSpeech", "StreamingEmbed"):
-        assert is_work_method(f"/voicegate.v1.SpeakerService/{method}")
+        assert method_info(f"/voicegate.v1.SpeakerService/{method}").is_work
     for light in ("GetSpeaker", "ListSpeakers", "DeleteSpeaker"):
-        assert not is_work_method(f"/voicegate.v1.SpeakerService/{light}")
-    assert not is_work_method("/grpc.health.v1.Health/Check")
-    assert not is_work_method("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
+        assert not method_info(f"/voicegate.v1.SpeakerService/{light}").is_work
+    assert not method_info("/grpc.health.v1.Health/Check").is_work
+    assert not method_info("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo").is_work
 
 
 def test_admission_bounds() -> None:
