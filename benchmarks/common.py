@@ -227,12 +227,13 @@ async def in_process_service(
 
 
 async def accepted_clips(target: str, clips: Sequence[bytes]) -> list[bytes]:
-    """The clips the server at `target` embeds: with trim "vad" a few 4 s cuts hold too little
-    speech (INVALID_ARGUMENT), and one failed call would end a measurement."""
+    """The clips the server at `target` embeds, once it is SERVING: with trim "vad" a few 4 s
+    cuts hold too little speech (INVALID_ARGUMENT), and one failed call would end a measurement."""
     import grpc
 
     from server.api.voicegate.v1 import audio_pb2, speaker_pb2, speaker_pb2_grpc
 
+    await wait_serving(target, timeout_s=240)
     kept = []
     async with grpc.aio.insecure_channel(target, options=GRPC_OPTIONS) as channel:
         stub = speaker_pb2_grpc.SpeakerServiceStub(channel)

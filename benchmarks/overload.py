@@ -43,7 +43,6 @@ from benchmarks.common import (
     make_clips,
     percentile,
     require_data_dir,
-    wait_serving,
 )
 from server.config import Settings
 
@@ -140,7 +139,6 @@ async def run(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
     with ServeProcess(env=env) as serve:
         assert serve.proc is not None
         pid = serve.proc.pid
-        await wait_serving(serve.target)
         requests = [
             speaker_pb2.EmbedRequest(audio=audio_pb2.Audio(content=data))
             for data in await accepted_clips(serve.target, clips)

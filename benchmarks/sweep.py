@@ -40,7 +40,6 @@ from benchmarks.common import (
     median_and_spread,
     require_data_dir,
     rotating_rounds,
-    wait_serving,
 )
 from benchmarks.throughput import e2e_step
 
@@ -120,7 +119,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"starting {variant.name}: config {variant.config}, env {variant.env}")
             servers[variant.name] = stack.enter_context(ServeProcess(repository, variant.env))
         first = next(iter(servers.values()))
-        asyncio.run(wait_serving(first.target, timeout_s=240))
         clips = asyncio.run(accepted_clips(first.target, clips))
         rounds = rotating_rounds(
             servers,

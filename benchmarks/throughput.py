@@ -73,7 +73,6 @@ from benchmarks.common import (
     percentile,
     require_data_dir,
     wait_for_quiet,
-    wait_serving,
 )
 
 LEVELS = (1, 8, 32)
@@ -364,7 +363,6 @@ def measure(args: argparse.Namespace, clips: list[bytes]) -> dict[str, Any]:
         server_pids: list[int] = running.pids() if isinstance(running, ServeProcess) else []
         triton_url = running.triton_url() if isinstance(running, ServeProcess) else args.triton_url
         if target is not None:
-            asyncio.run(wait_serving(target, timeout_s=240))
             clips = asyncio.run(accepted_clips(target, clips))  # every part gets the same clips
         ceiling = None
         if "ceiling" in parts:
