@@ -6,8 +6,11 @@ process's own speed moved whole runs of the same code by several per cent (+3.5 
 
 - `off`: `OTEL_SDK_DISABLED=true`: no spans, no trace context to Triton, Triton untraced.
 - `on`:  `OTEL_TRACES_SAMPLER=always_on` and `OTEL_EXPORTER_OTLP_ENDPOINT` at an OTLP/HTTP
-  receiver in this process: every request traced in the front server (protobuf export) and
-  in Triton (JSON export, started with the trace flags the server derives, rate=1).
+  receiver in this process: every request traced in the front server (protobuf export, by the
+  default `span_export`, native) and in Triton (JSON export, started with the trace flags the
+  server derives, rate=1).
+- `sdk` (optional, `--configs off,on,sdk`): `on` with `VOICEGATE_SPAN_EXPORT=sdk`, the spans
+  encoded and sent by the OpenTelemetry SDK's own Python exporter.
 - `nosink` (optional, `--configs off,nosink,on`): the default without an endpoint, spans made
   (trace ids in the logs) but exported nowhere.
 
@@ -110,18 +113,21 @@ def config_env(name: str, receiver: SinkReceiver) -> dict[str, str]:
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "",
         "OTEL_TRACES_SAMPLER": "",
         "OTEL_TRACES_EXPORTER": "",
+        "VOICEGATE_SPAN_EXPORT": "native",
     }
     if name == "off":
         env["OTEL_SDK_DISABLED"] = "true"
-    elif name == "on":
+    elif name in ("on", "sdk"):
         env["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.url
         env["OTEL_TRACES_SAMPLER"] = "always_on"
         env["OTEL_SERVICE_NAME"] = "voicegate-bench"
         # Export at least every second (front server and Triton), so that a measurement's
         # export work falls inside its own CPU window rather than the next config's.
         env["OTEL_BSP_SCHEDULE_DELAY"] = "1000"
+        if name == "sdk":
+            env["VOICEGATE_SPAN_EXPORT"] = "sdk"
     elif name != "nosink":
-        raise SystemExit(f"unknown config {name!r}: use off, nosink, on")
+        raise SystemExit(f"unknown config {name!r}: use off, nosink, on, sdk")
     return env
 
 
@@ -214,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="start fresh server processes this many times over the rounds (instance effects)",
     )
     parser.add_argument("--warm-up", type=int, default=16)
-    parser.add_argument("--configs", default="off,on", help="comma-separated: off, nosink, on")
+    parser.add_argument("--configs", default="off,on", help="comma-separated: off, nosink, on, sdk")
     parser.add_argument("--quiet-wait-s", type=float, default=5.0)
     parser.add_argument(
         "--settle-s", type=float, default=1.5, help="idle time after each run, CPU still counted"

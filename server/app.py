@@ -149,7 +149,9 @@ class VoicegateApp:
         settings = self.settings
         await self._set_health(NOT_SERVING)
         await self.health.set(LIVENESS_SERVICE, SERVING)
-        tracing = self.tracing = self.tracing or Tracing.from_environment()
+        tracing = self.tracing = self.tracing or Tracing.from_environment(
+            span_export=settings.span_export
+        )
         telemetry = Telemetry(tracing, self.metrics)
         if settings.metrics_port:
             self._serve_metrics()

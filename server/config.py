@@ -51,6 +51,10 @@ class Settings:
     metrics_port: int = 9464  # Prometheus /metrics on `host`; 0: not served
     log_format: str = "text"  # text | json (trace and span ids on lines inside a request)
     triton_trace_rate: int | None = None  # embedded Triton's trace rate; None: automatic
+    # How spans leave over OTLP/HTTP: "native" (fastotel: batched, encoded and sent by a native
+    # thread that never takes the GIL) or "sdk" (the SDK's BatchSpanProcessor and its Python
+    # exporter, about 1 ms more CPU per traced Embed: benchmarks/tracing_cost.py)
+    span_export: str = "native"
 
     # Triton: embedded (default) or external at HOST:PORT (its gRPC endpoint)
     triton_url: str | None = None
@@ -107,6 +111,7 @@ class Settings:
             "triton_trace_rate",
             "must be >= 0 (0: only requests we sampled, 1: every request)",
         )
+        _require(self.span_export in {"native", "sdk"}, "span_export", "must be native or sdk")
         _require(
             (self.tls_cert_file is None) == (self.tls_key_file is None),
             "tls_cert_file",

@@ -24,6 +24,9 @@ Variables read (all optional):
 - `OTEL_BSP_SCHEDULE_DELAY`, `OTEL_BSP_MAX_QUEUE_SIZE`, `OTEL_BSP_MAX_EXPORT_BATCH_SIZE`,
   `OTEL_BSP_EXPORT_TIMEOUT`: the batch span processor (the schedule delay also goes to Triton).
 - `OTEL_PROPAGATORS`: W3C `tracecontext,baggage` by default.
+
+How the spans are exported is our own setting, `VOICEGATE_SPAN_EXPORT` (`Settings.span_export`):
+`native` (default, fastotel: encoded and sent off the GIL) or `sdk` (the SDK's Python exporter).
 """
 
 from __future__ import annotations
@@ -164,8 +167,12 @@ class Tracing:
         return cls(None)
 
     @classmethod
-    def from_environment(cls, environ: Mapping[str, str] | None = None) -> Tracing:
-        """A provider as the `OTEL_*` variables in `environ` (default: os.environ) describe."""
+    def from_environment(
+        cls, environ: Mapping[str, str] | None = None, *, span_export: str = "native"
+    ) -> Tracing:
+        """A provider as the `OTEL_*` variables in `environ` (default: os.environ) describe;
+        `span_export` (`Settings.span_export`) picks how spans leave over OTLP: `native` or
+        `sdk` (`_otlp_processor`)."""
         import os
 
         env = os.environ if environ is None else environ
@@ -194,7 +201,7 @@ class Tracing:
             elif name == "otlp":
                 endpoint = _traces_endpoint(env)
                 if endpoint is not None:
-                    provider.add_span_processor(_otlp_processor(endpoint, bsp))
+                    provider.add_span_processor(_otlp_processor(endpoint, bsp, span_export))
             else:
                 raise ConfigError(
                     f"OTEL_TRACES_EXPORTER {name!r} is not supported: use otlp, console or none"
@@ -547,7 +554,22 @@ def _traces_endpoint(env: Mapping[str, str]) -> str | None:
     return endpoint
 
 
-def _otlp_processor(endpoint: str, options: Mapping[str, Any]) -> Any:
+def _otlp_processor(endpoint: str, options: Mapping[str, Any], span_export: str) -> Any:
+    """The span processor that batches spans and posts them to `endpoint` as OTLP protobuf.
+
+    `native`: fastotel's `OTLPSpanProcessor`. `on_end` copies the span into Rust; a native
+    thread batches, encodes and sends without taking the GIL. The SDK's Python encoder costs
+    about 35 us of CPU per span even in a tight loop, and its thread competes for the GIL with
+    the requests: at 100 % sampling that was most of tracing's cost (benchmarks/tracing_cost.py).
+    `sdk`: the SDK's `BatchSpanProcessor` with its `OTLPSpanExporter`, the reference fastotel's
+    requests are tested against; both read the same `OTEL_EXPORTER_OTLP_*` and `OTEL_BSP_*`.
+    """
+    if span_export == "native":
+        from fastotel import OTLPSpanProcessor
+
+        return OTLPSpanProcessor(endpoint=endpoint, **options)
+    if span_export != "sdk":
+        raise ConfigError(f"span_export {span_export!r} is not supported: use native or sdk")
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 

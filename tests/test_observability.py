@@ -172,6 +172,7 @@ class OtlpReceiver:
     def __init__(self) -> None:
         self.spans: list[ReceivedSpan] = []
         self.content_types: set[str] = set()
+        self.user_agents: dict[str, set[str]] = defaultdict(set)  # by trace id
         self.errors: list[str] = []
         self._lock = threading.Lock()
         receiver = self
@@ -191,6 +192,8 @@ class OtlpReceiver:
                 with receiver._lock:
                     receiver.spans.extend(spans)
                     receiver.content_types.add(content_type)
+                    for span in spans:
+                        receiver.user_agents[span.trace_id].add(self.headers.get("User-Agent", ""))
                 reply = b"{}" if is_json else b""
                 self.send_response(200)
                 self.send_header("Content-Type", content_type)
@@ -813,6 +816,47 @@ def test_observability_settings_are_validated() -> None:
     assert Settings.load(environ={"VOICEGATE_TRITON_TRACE_RATE": "0"}).triton_trace_rate == 0
     with pytest.raises(ConfigError, match="triton_trace_rate"):
         Settings.load(environ={"VOICEGATE_TRITON_TRACE_RATE": "-1"})
+    assert Settings.load(environ={}).span_export == "native"
+    assert Settings.load(environ={"VOICEGATE_SPAN_EXPORT": "sdk"}).span_export == "sdk"
+    with pytest.raises(ConfigError, match="span_export"):
+        Settings.load(environ={"VOICEGATE_SPAN_EXPORT": "fast"})
+    with pytest.raises(ConfigError, match="span_export"):
+        Tracing.from_environment({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}, span_export="x")
+
+
+@pytest.mark.parametrize(
+    ("span_export", "user_agent"),
+    [("native", "fastotel/"), ("sdk", "OTel-OTLP-Exporter-Python/")],
+)
+def test_both_span_exports_send_the_same_spans(
+    receiver: OtlpReceiver, span_export: str, user_agent: str
+) -> None:
+    """`span_export` picks who encodes and sends (fastotel's native thread, or the SDK's
+    exporter); the receiver decodes the same tree, attributes, status and events from either."""
+    tracing = Tracing.from_environment(
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_SERVICE_NAME": SERVICE},
+        span_export=span_export,
+    )
+    telemetry = Telemetry(tracing)
+    with telemetry.stage("decode", {"voicegate.audio.bytes": 128044}) as decode:
+        trace_id = f"{decode.get_span_context().trace_id:032x}"
+        decode.set_attribute("voicegate.audio.seconds", 4.0)
+        with telemetry.triton_call("enc", "127.0.0.1:8001", 3) as call:
+            call.model_version = "1"
+        with pytest.raises(ValueError), telemetry.stage("features"):
+            raise ValueError("no windows")
+    tracing.shutdown()  # exports what is queued before it returns
+    spans = {span.name: span for span in receiver.of_trace(trace_id)}
+    (agent,) = receiver.user_agents[trace_id]  # one exporter sent the whole trace
+    assert agent.startswith(user_agent), agent
+    assert sorted(spans) == ["decode", "features", TRITON_CALL]
+    root = spans["decode"]
+    assert (root.service, root.kind, root.parent_id) == (SERVICE, "INTERNAL", "")
+    assert root.attributes == {"voicegate.audio.bytes": 128044, "voicegate.audio.seconds": 4.0}
+    assert spans[TRITON_CALL].parent_id == spans["features"].parent_id == root.span_id
+    assert spans[TRITON_CALL].kind == "CLIENT"
+    assert spans[TRITON_CALL].attributes["voicegate.triton.model.version"] == "1"
+    assert (spans["features"].status, spans["features"].events) == ("ERROR", ["exception"])
 
 
 def test_help_and_package_import_load_no_telemetry_or_grpc() -> None:
