@@ -565,8 +565,13 @@ def _otlp_processor(endpoint: str, options: Mapping[str, Any], span_export: str)
     requests are tested against; both read the same `OTEL_EXPORTER_OTLP_*` and `OTEL_BSP_*`.
     """
     if span_export == "native":
-        from fastotel import OTLPSpanProcessor
-
+        try:
+            from fastotel import OTLPSpanProcessor
+        except ImportError as exc:  # a platform without its wheel, or an install without it
+            raise ConfigError(
+                f"span_export native needs fastotel ({exc}): install it, or set "
+                "VOICEGATE_SPAN_EXPORT=sdk for the OpenTelemetry SDK's exporter"
+            ) from None
         return OTLPSpanProcessor(endpoint=endpoint, **options)
     if span_export != "sdk":
         raise ConfigError(f"span_export {span_export!r} is not supported: use native or sdk")

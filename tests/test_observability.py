@@ -824,6 +824,14 @@ def test_observability_settings_are_validated() -> None:
         Tracing.from_environment({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}, span_export="x")
 
 
+def test_native_span_export_without_fastotel_names_the_fallback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "fastotel", None)  # as if no wheel were installed
+    with pytest.raises(ConfigError, match="VOICEGATE_SPAN_EXPORT=sdk"):
+        Tracing.from_environment({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"})
+
+
 @pytest.mark.parametrize(
     ("span_export", "user_agent"),
     [("native", "fastotel/"), ("sdk", "OTel-OTLP-Exporter-Python/")],
