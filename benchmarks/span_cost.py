@@ -33,10 +33,12 @@ from benchmarks.common import ROOT, log
 from benchmarks.tracing_cost import SinkReceiver
 
 if TYPE_CHECKING:
+    from opentelemetry.util.types import AttributeValue
+
     from server.telemetry import Telemetry
 
 MODES = ("off", "unexported", "native", "sdk")
-_SERVER_ATTRIBUTES = {
+_SERVER_ATTRIBUTES: dict[str, AttributeValue] = {
     "rpc.system": "grpc",
     "rpc.service": "voicegate.v1.SpeakerService",
     "rpc.method": "Embed",
