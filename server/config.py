@@ -53,7 +53,7 @@ class Settings:
     triton_trace_rate: int | None = None  # embedded Triton's trace rate; None: automatic
     # How spans leave over OTLP/HTTP: "native" (fastotel: batched, encoded and sent by a native
     # thread that never takes the GIL) or "sdk" (the SDK's BatchSpanProcessor and its Python
-    # exporter, about 1 ms more CPU per traced Embed: benchmarks/tracing_cost.py)
+    # exporter: tracing's in-process CPU about 3x native's, benchmarks/span_cost.py)
     span_export: str = "native"
 
     # Triton: embedded (default) or external at HOST:PORT (its gRPC endpoint)

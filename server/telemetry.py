@@ -558,9 +558,9 @@ def _otlp_processor(endpoint: str, options: Mapping[str, Any], span_export: str)
     """The span processor that batches spans and posts them to `endpoint` as OTLP protobuf.
 
     `native`: fastotel's `OTLPSpanProcessor`. `on_end` copies the span into Rust; a native
-    thread batches, encodes and sends without taking the GIL. The SDK's Python encoder costs
-    about 35 us of CPU per span even in a tight loop, and its thread competes for the GIL with
-    the requests: at 100 % sampling that was most of tracing's cost (benchmarks/tracing_cost.py).
+    thread batches, encodes and sends without taking the GIL. The SDK's Python exporter costs
+    about 60 us of CPU per span even in a tight loop, fastotel about 6 us, and the SDK's thread
+    holds the GIL against the requests while it encodes (benchmarks/span_cost.py).
     `sdk`: the SDK's `BatchSpanProcessor` with its `OTLPSpanExporter`, the reference fastotel's
     requests are tested against; both read the same `OTEL_EXPORTER_OTLP_*` and `OTEL_BSP_*`.
     """
