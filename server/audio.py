@@ -276,9 +276,9 @@ def load_file(path: str, max_seconds: float = 3600.0) -> np.ndarray:
 
 def volume_gain(mean_square: float, target_dbfs: float = TARGET_DBFS) -> np.float32 | None:
     """The factor that raises quiet audio to `target_dbfs` RMS (never lowers it), as GE2E was
-    trained (server/features.py applies it per partial window), for audio whose mean square,
-    in int16 units
-    ((sample * 32767) ** 2), is `mean_square`; None when it leaves the audio as it is."""
+    trained, for audio whose mean square in int16 units ((sample * 32767) ** 2) is
+    `mean_square`; None when it leaves the audio as it is. server/features.py applies it per
+    partial window, and to the whole recording for the MFCC."""
     rms = float(np.sqrt(mean_square))
     if rms == 0.0:
         return None
