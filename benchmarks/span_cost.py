@@ -2,8 +2,10 @@
 
 The spans of one traced `Embed` (trim `vad`), made through the same `Telemetry` calls the server
 makes and with the attributes it sets: the SERVER span, decode, the VAD's Triton call, trim,
-features and the encoder's Triton call. Each mode runs in a process of its own, sending to an
-OTLP/HTTP receiver in this process that reads and drops (its CPU is not counted):
+features and the encoder's Triton call. `embed_spans` is a copy of those calls (the SERVER
+span's fixed attributes are `grpc_telemetry._MethodObserver`'s): keep it in step with them.
+Each mode runs in a process of its own, sending to an OTLP/HTTP receiver in this process that
+reads and drops (its CPU is not counted):
 
 - `off`: tracing disabled (`OTEL_SDK_DISABLED`), the floor.
 - `unexported`: spans made, no endpoint (what `nosink` is in `tracing_cost`).
